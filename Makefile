@@ -1,0 +1,37 @@
+# lumbar-ray — the two commands a newcomer needs: `make demo` and `make test`.
+# Everything installs into .venv; `make setup` is idempotent (re-runs only when pyproject changes).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lumbar-ray-installed
+# Where the demo writes its synthetic data, models and outputs (ignored by git).
+DEMO_DIR ?= work/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first: the pinned wheels lie on the build machines' disk.
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/lumbar-ray demo --workdir $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Without the slow (training/end-to-end) tests.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m lumbar_ray.bench
+
+clean:
+	rm -rf work .pytest_cache
