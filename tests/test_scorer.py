@@ -1,0 +1,284 @@
+"""DeepScoreNet layout, focal loss, crops, augmentation, inference (all CPU, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lumbar_ray.scorer import (
+    AugmentConfig,
+    CropDataset,
+    DeepScoreNet,
+    FocalLoss,
+    KerasSameMaxPool2d,
+    augment_crop,
+    augment_crops,
+    class_weights_from_labels,
+    count_parameters,
+    extract_crop,
+    extract_crops,
+    keras_same_padding,
+    mirror_axis,
+    normalize_crop,
+    oversample_indices,
+    predict_proba,
+)
+from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DeepScoreNet()
+
+
+def test_parameter_counts_match_the_published_keras_layout(model):
+    counts = count_parameters(model)
+    assert counts.trainable == 2_784_259
+    assert counts.bn_running_stats == 3_392  # 1,696 BatchNorm channels x (mean, var)
+    assert counts.keras_total == 2_787_651
+    bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn_channels == 1_696
+
+
+def test_forward_shape_and_spatial_sizes(model):
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 3)
+    sizes = []
+    h = model.stem(x)
+    for block in model.blocks:
+        h = block(h)
+        sizes.append(tuple(h.shape[1:]))
+    assert sizes == [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
+    # odd sizes work too (pool and residual both give ceil(n / 2))
+    assert model.eval()(torch.randn(1, 3, 31, 27)).shape == (1, 3)
+    model.train()
+
+
+def test_in_channels_configurable():
+    net = DeepScoreNet(in_channels=1)
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    # only the stem conv changes: 2 input channels fewer x 9 x 32
+    assert count_parameters(net).trainable == 2_784_259 - 2 * 9 * 32
+
+
+def test_keras_same_padding_is_asymmetric():
+    assert keras_same_padding(32, 3, 2) == (0, 1)
+    assert keras_same_padding(15, 3, 2) == (1, 1)
+    assert keras_same_padding(8, 1, 2) == (0, 0)
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    out = KerasSameMaxPool2d(3, 2)(x)
+    # windows rows/cols {0,1,2} and {2,3} (padding after only), like TensorFlow
+    assert out.squeeze().tolist() == [[10.0, 11.0], [14.0, 15.0]]
+    neg = -x - 100
+    # the padding never wins the max (-inf, not 0)
+    assert KerasSameMaxPool2d(3, 2)(neg).max().item() == -100.0
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_focal_loss_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]])
+    target = torch.tensor([0, 2, 1])
+    weights = [1.0, 2.0, 4.0]
+    gamma = 2.0
+    expected = []
+    for row, t in zip(logits.tolist(), target.tolist()):
+        exps = [math.exp(v) for v in row]
+        p = exps[t] / sum(exps)
+        expected.append(-weights[t] * (1 - p) ** gamma * math.log(p))
+    loss = FocalLoss(gamma=gamma, class_weights=weights)(logits, target)
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    per = FocalLoss(gamma=gamma, class_weights=weights, reduction="none")(logits, target)
+    assert per.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_loss_gamma0_is_cross_entropy():
+    torch.manual_seed(1)
+    logits = torch.randn(16, 3, requires_grad=True)
+    target = torch.randint(0, 3, (16,))
+    focal = FocalLoss(gamma=0.0)(logits, target)
+    assert focal.item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
+    w = torch.tensor([1.0, 2.0, 4.0])
+    weighted = FocalLoss(gamma=0.0, class_weights=w, reduction="sum")(logits, target)
+    assert weighted.item() == pytest.approx(F.cross_entropy(logits, target, weight=w, reduction="sum").item(), rel=1e-6)
+    focal.backward()
+    assert logits.grad is not None
+
+
+def test_focal_loss_ignores_missing_labels():
+    logits = torch.randn(4, 3)
+    target = torch.tensor([0, -1, 2, -1])
+    loss = FocalLoss()(logits, target)
+    assert loss.item() == pytest.approx(FocalLoss()(logits[[0, 2]], target[[0, 2]]).item())
+    assert FocalLoss()(logits[[1, 3]], target[[1, 3]]).item() == 0.0
+
+
+def test_class_weights_inverse_frequency_normalised():
+    labels = [0, 0, 0, 0, 1, 1, 2, -1]
+    w = class_weights_from_labels(labels)
+    assert w.tolist() == pytest.approx([7 / 12, 7 / 6, 7 / 3])
+    counts = np.array([4, 2, 1])
+    assert (counts * w).sum() == pytest.approx(7)  # mean weight per sample = 1
+
+
+# ---------------------------------------------------------------- crops
+
+
+def _dot_volume(n_slices=5, rows=64, cols=80, k=2, r=10, c=20):
+    vol = np.zeros((n_slices, rows, cols), dtype=np.float32)
+    vol += np.random.default_rng(0).uniform(0, 1, vol.shape).astype(np.float32)
+    vol[k, r, c] = 100.0
+    return vol
+
+
+def test_crop_centred_on_point():
+    vol = _dot_volume()
+    crop = extract_crop(vol, 2, x=20, y=10)
+    assert crop.shape == (3, 32, 32) and crop.dtype == np.float32
+    assert 0.0 <= crop.min() and crop.max() <= 1.0 and (crop[:, 16, 16] == 1.0).all()
+    crop = extract_crop(vol, 2, x=20.4, y=9.6, percentiles=(0, 100))  # rounds to the pixel
+    for ch in crop:
+        assert np.unravel_index(ch.argmax(), ch.shape) == (16, 16)
+        assert ch[16, 16] == 1.0
+
+
+def test_crop_at_border_pads_with_zero():
+    vol = _dot_volume(r=0, c=0)
+    crop = extract_crop(vol, 2, x=0, y=0, percentiles=(0, 100))
+    assert crop.shape == (3, 32, 32)
+    assert (crop[:, :16, :] == 0).all() and (crop[:, :, :16] == 0).all()
+    assert crop[0, 16, 16] == 1.0
+    # padding is not part of the percentile scaling: the in-image part spans [0, 1]
+    assert crop[0, 16:, 16:].min() == 0.0
+    # a point entirely outside the image gives an all-zero crop
+    assert (extract_crop(vol, 2, x=-100, y=-100) == 0).all()
+    # the far corner
+    far = extract_crop(vol, 2, x=79.4, y=63.6)
+    assert (far[:, 16 + 1 :, :] == 0).all() and (far[:, :, 16 + 1 :] == 0).all()
+
+
+def test_mm_mode_resamples_physical_size():
+    vol = np.zeros((1, 128, 128), dtype=np.float32)
+    vol[0, :, 60] = 1.0  # a bright column 10 px right of the centre
+    vol[0, 74, :] = 0.5  # a dimmer row 10 px below it
+    # 64 mm crop at 1 mm/px -> 2 px per output pixel: the column lands at 16 + 5
+    crop = extract_crop(vol, 0, x=50, y=64, mm=64.0, pixel_spacing=(1.0, 1.0))
+    assert crop.shape == (3, 32, 32)
+    assert crop[0].mean(axis=0).argmax() == 21
+    assert crop[0, :, :20].mean(axis=1).argmax() == 21
+    # anisotropic: rows at 1 mm/px (step 1), columns at 0.5 mm/px (step 2)
+    crop = extract_crop(vol, 0, x=50, y=64, mm=32.0, pixel_spacing=(1.0, 0.5))
+    assert crop[0].mean(axis=0).argmax() == 21
+    assert crop[0, :, :20].mean(axis=1).argmax() == 26
+    # mm = size * spacing at an integer centre reproduces pixel mode
+    vol2 = _dot_volume()
+    assert np.allclose(
+        extract_crop(vol2, 2, x=20, y=10, mm=16.0, pixel_spacing=(0.5, 0.5)), extract_crop(vol2, 2, x=20, y=10)
+    )
+    with pytest.raises(ValueError):
+        extract_crop(vol, 0, 50, 64, mm=30.0)
+
+
+def test_adjacent_channels_take_neighbouring_slices():
+    vol = np.broadcast_to(np.arange(5, dtype=np.float32)[:, None, None], (5, 40, 40)).copy()
+    crop = extract_crop(vol, 2, x=20, y=20, channels="adjacent")
+    assert [float(c.mean()) for c in crop] == pytest.approx([0.0, 0.5, 1.0])  # slices 1, 2, 3
+    edge = extract_crop(vol, 0, x=20, y=20, channels="adjacent")  # slice 0 repeated below
+    assert [float(c.mean()) for c in edge] == pytest.approx([0.0, 0.0, 1.0])
+    assert (extract_crop(vol, 2, x=20, y=20, channels="repeat") == 0).all()  # flat crop -> 0
+    five = extract_crop(vol, 2, x=20, y=20, channels="adjacent", n_channels=5)
+    assert five.shape == (5, 32, 32)
+    with pytest.raises(IndexError):
+        extract_crop(vol, 5, 20, 20)
+
+
+def test_batch_extraction_equals_single():
+    vol = _dot_volume()
+    pts = [(2, 20, 10), (1, 5.2, 60.7), (4, 79, 0)]
+    batch = extract_crops(vol, pts, channels="adjacent")
+    assert batch.shape == (3, 3, 32, 32)
+    for b, (k, x, y) in zip(batch, pts):
+        assert np.array_equal(b, extract_crop(vol, k, x, y, channels="adjacent"))
+    assert extract_crops(vol, np.zeros((0, 3))).shape == (0, 3, 32, 32)
+
+
+def test_normalize_crop_robust():
+    crop = np.linspace(0, 1, 300, dtype=np.float32).reshape(3, 10, 10)
+    crop[0, 0, 0] = 1e6  # one outlier does not squash the rest
+    out = normalize_crop(crop)
+    assert out.max() == 1.0 and out.min() == 0.0
+    assert np.median(out) == pytest.approx(0.5, abs=0.02)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_mirror_axis_only_patient_left_right():
+    assert mirror_axis(AXIAL_T2) == 2
+    assert mirror_axis(AXIAL_T2, "adjacent") == 2  # never the slice axis of an axial stack
+    assert mirror_axis(SAGITTAL_T1) is None
+    assert mirror_axis(SAGITTAL_T2, "adjacent") == 0
+    assert mirror_axis(None) is None
+    crop = np.random.default_rng(0).uniform(size=(3, 32, 32)).astype(np.float32)
+    still = AugmentConfig(mirror_p=1.0, max_rotation_deg=0, max_shift_px=0, max_scale=0, gamma=0,
+                          contrast=0, brightness=0, noise_std=0)
+    rng = np.random.default_rng(0)
+    assert np.allclose(augment_crop(crop, rng, still, flip_axis=2), crop[:, :, ::-1])
+    assert np.allclose(augment_crop(crop, rng, still, flip_axis=0), crop[::-1])
+    assert np.allclose(augment_crop(crop, rng, still, flip_axis=None), crop)
+
+
+def test_augment_crops_oversamples_minorities_and_keeps_labels():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 80 + [1] * 10 + [2] * 5 + [-1] * 3)
+    crops = rng.uniform(size=(len(labels), 3, 32, 32)).astype(np.float32)
+    out, out_labels = augment_crops(crops, labels, np.random.default_rng(1), series_type=AXIAL_T2)
+    assert out.shape == (98 + 30 + 15, 3, 32, 32) and out.dtype == np.float32
+    assert np.array_equal(out[:98], crops) and np.array_equal(out_labels[:98], labels)
+    assert np.bincount(out_labels[out_labels >= 0]).tolist() == [80, 40, 20]
+    assert set(out_labels[98:].tolist()) == {1, 2}
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert not np.allclose(out[98:108], crops[labels == 1][:10].mean())  # actually changed
+    again, _ = augment_crops(crops, labels, np.random.default_rng(1), series_type=AXIAL_T2)
+    assert np.array_equal(out, again)
+    # never more than the majority class
+    idx = oversample_indices([0] * 10 + [1] * 8, np.random.default_rng(0))
+    assert np.bincount(np.array([0] * 10 + [1] * 8)[idx]).tolist() == [10, 10]
+
+
+def test_crop_dataset():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 4 + [2] * 2)
+    crops = rng.uniform(size=(len(labels), 3, 32, 32)).astype(np.float32)
+    ds = CropDataset(crops, labels, series_type=SAGITTAL_T2, channels="adjacent", seed=3)
+    assert len(ds) == 26 + 12 + 6
+    x, y = ds[len(ds) - 1]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(ds[30][0], ds[30][0])  # deterministic per (seed, epoch, item)
+    assert torch.equal(ds[0][0], torch.from_numpy(crops[0]))  # originals untouched by default
+    ds.set_epoch(1)
+    assert len(ds) == 44
+    plain = CropDataset(crops, labels, augment=None, oversample=False)
+    assert len(plain) == 26 and torch.equal(plain[25][0], torch.from_numpy(crops[25]))
+
+
+# ---------------------------------------------------------------- inference
+
+
+def test_predict_proba(model):
+    crops = np.random.default_rng(0).uniform(size=(5, 3, 32, 32)).astype(np.float32)
+    model.train()
+    probs = predict_proba(model, crops, batch_size=2)
+    assert probs.shape == (5, 3) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert model.training  # mode restored
+    assert np.allclose(predict_proba(model, torch.from_numpy(crops), batch_size=8), probs, atol=1e-6)
+    assert predict_proba(model, crops[:0]).shape == (0, 3)
