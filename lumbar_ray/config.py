@@ -80,6 +80,8 @@ class TrainConfig:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    # Studies never trained on (e.g. the retrain holdout).
+    exclude_studies: tuple[int, ...] = ()
     # Fault injection for tests: the first attempt of each trial's worker dies at this epoch.
     inject_failure_at_epoch: int | None = None
 
@@ -107,4 +109,5 @@ class TrainConfig:
         raw["detector"] = DetectorConfig(**det)
         raw["resources"] = ResourceConfig(**raw.get("resources", {}))
         raw["models"] = tuple(raw.get("models", MODEL_FAMILIES))
+        raw["exclude_studies"] = tuple(raw.get("exclude_studies", ()))
         return cls(**raw)

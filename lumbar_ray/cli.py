@@ -1,0 +1,222 @@
+"""`lumbar-ray` command line: one sub-command per stage. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def synth(
+    out: str = typer.Option(..., help="Output root (local folder or fsspec URL)."),
+    studies: int = typer.Option(20, min=1, help="Number of studies."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+    split: str = typer.Option("train", help="train (images + labels) or test (images only)."),
+    size: str = typer.Option("full", help="full (realistic sizes) or small (tests, demo)."),
+    labels_csv: Optional[str] = typer.Option(None, help="train.csv to draw severity vectors from (default: the embedded real RSNA labels)."),
+    workers: int = typer.Option(1, min=1, help="Processes."),
+    contact_sheet: Optional[Path] = typer.Option(None, help="Also write a PNG contact sheet of the first study here."),
+    verbose: bool = False,
+) -> None:
+    """Write synthetic RSNA-layout studies whose anatomy shows their labels."""
+    _logging(verbose)
+    from lumbar_ray import synth as synth_mod
+
+    if split not in ("train", "test"):
+        raise typer.BadParameter("split must be 'train' or 'test'")
+    summary = synth_mod.synthesize(out, n_studies=studies, seed=seed, split=split, size=size,
+                                   labels_csv=labels_csv, workers=workers)
+    typer.echo(f"wrote {studies} {split} studies to {out}")
+    typer.echo(str(summary))
+    if contact_sheet is not None:
+        study_ids = synth_mod.study_ids_of(summary)
+        png = synth_mod.write_contact_sheet(out, study_ids[0], contact_sheet, split=split)
+        typer.echo(f"contact sheet: {png}")
+
+
+@app.command("contact-sheet")
+def contact_sheet_cmd(
+    data: str = typer.Option(..., help="Data root."),
+    study: str = typer.Option(..., help="Study id."),
+    to: Path = typer.Option(..., help="PNG path."),
+    split: str = "train",
+) -> None:
+    """Draw a study's three series with its labelled points (PNG)."""
+    from lumbar_ray import synth as synth_mod
+
+    typer.echo(str(synth_mod.write_contact_sheet(data, study, to, split=split)))
+
+
+@app.command()
+def inspect(
+    data: str = typer.Option(..., help="Data root (local or fsspec URL)."),
+    study: str = typer.Option(..., help="Study id."),
+    split: str = "train",
+) -> None:
+    """Read one study and print its series geometry and any skipped files (JSON)."""
+    from lumbar_ray.dicom_io import read_study
+
+    study_obj = read_study(data, study, split=split)
+    report = {
+        "study_id": str(study_obj.study_id),
+        "series": {
+            kind: {
+                "series_id": str(s.series_id),
+                "description": s.description,
+                "plane": s.plane,
+                "shape": list(s.volume.shape),
+                "pixel_spacing_mm": [float(v) for v in s.pixel_spacing],
+                "slice_spacing_mm": float(s.slice_spacing),
+                "instances": [int(i) for i in s.instance_numbers],
+            }
+            for kind, s in study_obj.series.items()
+        },
+        "other_series": [str(s.series_id) for s in study_obj.other_series],
+        "skipped": [{"path": str(f.path), "reason": f.reason, "error_type": f.error_type} for f in study_obj.skipped],
+    }
+    typer.echo(json.dumps(report, indent=2))
+
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Cross-validated training on Ray -> a registry version (same flags as jobs/train.py; --help lists them)."""
+    from lumbar_ray.train_job import run
+
+    raise typer.Exit(run(list(ctx.args)))
+
+
+@app.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def score(ctx: typer.Context) -> None:
+    """Bulk scoring on Ray Data -> Parquet (same flags as jobs/score.py; --help lists them)."""
+    from lumbar_ray.score_job import run
+
+    raise typer.Exit(run(list(ctx.args)))
+
+
+@app.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def retrain(ctx: typer.Context) -> None:
+    """Train a challenger and promote it only if it beats the champion (same flags as jobs/retrain.py)."""
+    from lumbar_ray.retrain_job import run
+
+    raise typer.Exit(run(list(ctx.args)))
+
+
+@app.command()
+def champion(
+    registry: str = typer.Option(..., help="Model registry (local dir or s3://…)."),
+    set_version: Optional[str] = typer.Option(None, "--set", help="Pin this version as champion (promote or roll back)."),
+    reason: str = typer.Option("set by an operator", help="Recorded with the pointer."),
+) -> None:
+    """Show the champion, the versions and the recorded decisions; --set pins or rolls back."""
+    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.retrain import decisions
+
+    reg = ModelRegistry(registry)
+    if set_version:
+        pointer = reg.set_champion(set_version, reason=reason)
+        typer.echo(f"champion -> {pointer['version']} ({pointer['reason']})")
+        return
+    typer.echo(json.dumps({"champion": reg.champion(), "versions": reg.versions(), "decisions": decisions(reg)},
+                          indent=2, default=str))
+
+
+@app.command("export-kaggle")
+def export_kaggle_cmd(
+    scores: str = typer.Option(..., help="Scoring output root."),
+    to: Path = typer.Option(..., help="submission.csv to write."),
+    model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
+) -> None:
+    """Write the exact Kaggle submission: row_id,normal_mild,moderate,severe; 25 rows a study."""
+    from lumbar_ray.outputs import export_kaggle
+
+    frame = export_kaggle(scores, str(to), model_version=model_version)
+    typer.echo(f"wrote {len(frame)} rows ({len(frame) // 25} studies) to {to}")
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="SQL over the views `predictions` and `errors`."),
+    scores: str = typer.Option(..., help="Scoring output root."),
+    csv: bool = typer.Option(False, help="Print CSV instead of a table."),
+) -> None:
+    """Run SQL (DuckDB) over the scoring outputs."""
+    from lumbar_ray.outputs import query as run_query
+
+    frame = run_query(scores, sql)
+    typer.echo(frame.to_csv(index=False) if csv else frame.to_string(index=False))
+
+
+@app.command()
+def evaluate(
+    scores: Optional[str] = typer.Option(None, help="Scoring output root to evaluate against --labels."),
+    labels: Optional[str] = typer.Option(None, help="train.csv (or a data root holding it)."),
+    models: Optional[str] = typer.Option(None, help="REGISTRY[@version]: print that version's cross-validation table."),
+    model_version: Optional[str] = typer.Option(None, help="With --scores: which model version's rows."),
+) -> None:
+    """Metric tables: scored outputs vs labels, or a registry version's out-of-fold CV results."""
+    if models:
+        from lumbar_ray.registry import ModelRegistry, parse_model_spec
+
+        root, version = parse_model_spec(models)
+        registry = ModelRegistry(root)
+        version = registry.resolve(version or "latest" if registry.champion() is None else version)
+        with registry.fs.open(registry.version_path(version, "cv_report.txt"), "rb") as handle:
+            typer.echo(handle.read().decode())
+        return
+    if not (scores and labels):
+        raise typer.BadParameter("give --scores and --labels, or --models")
+    from lumbar_ray.outputs import evaluate_scores
+
+    _, text = evaluate_scores(scores, labels, model_version=model_version)
+    typer.echo(text)
+
+
+@app.command()
+def report(
+    scores: str = typer.Option(..., help="Scoring output root."),
+    data: str = typer.Option(..., help="Data root the study was scored from."),
+    study: str = typer.Option(..., help="Study id."),
+    to: Path = typer.Option(..., help="Folder for the PNGs."),
+    split: str = "test",
+    model_version: Optional[str] = None,
+) -> None:
+    """One PNG per series: where each level was found and how it was graded."""
+    from lumbar_ray.report import write_study_report
+
+    for png in write_study_report(scores, data, study, str(to), split=split, model_version=model_version):
+        typer.echo(png)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("work/demo"), help="Where the demo writes data and outputs."),
+    studies: int = typer.Option(8, min=1),
+    seed: int = 7,
+) -> None:
+    """Run the main job on the embedded default (synthetic studies) and print where things went."""
+    _logging(False)
+    from lumbar_ray.demo import run_demo
+
+    run_demo(workdir=workdir, studies=studies, seed=seed, echo=typer.echo)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,36 @@
+"""The one place that starts or joins a Ray runtime (jobs and CLI commands go through here)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS: what `ray job submit` sets), else start a
+    local runtime sized by ``num_cpus``/``num_gpus``. Shuts down only a runtime it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"log_to_driver": True, "include_dashboard": False} if address is None else {}
+    if address is None:
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if num_gpus is not None:
+            kwargs["num_gpus"] = num_gpus
+    # The driver's working directory goes to the workers so jobs run from a checkout find the package.
+    ray.init(address=address, **kwargs)
+    log.info("ray resources: %s", ray.cluster_resources())
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,95 @@
+"""`lumbar-ray train` / `jobs/train.py`: one argument parser, one main (torchvision-reference style)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Cross-validated training of the detectors and DeepScoreNet on Ray",
+                                add_help=add_help)
+    p.add_argument("--data", required=True, help="data root in the Kaggle layout (local path or s3://…)")
+    p.add_argument("--out", required=True, help="model registry (local dir or s3://…) that receives the new version")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold CV, grouped by study")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every model (overrides the two below)")
+    p.add_argument("--detector-epochs", type=int, default=DetectorConfig.epochs)
+    p.add_argument("--scorer-epochs", type=int, default=ScorerConfig.epochs)
+    p.add_argument("--models", default="detector,scorer", help="comma list of: detector, scorer")
+    p.add_argument("--series", default=None, help="comma list of detector series types (default: all three)")
+    p.add_argument("--imgsz", type=int, default=DetectorConfig.imgsz, help="detector input size (px)")
+    p.add_argument("--detector-batch-size", type=int, default=DetectorConfig.batch_size)
+    p.add_argument("--scorer-batch-size", type=int, default=ScorerConfig.batch_size)
+    p.add_argument("--channels", choices=("repeat", "adjacent"), default=ScorerConfig.channels,
+                   help="scorer crop channels: one slice repeated, or slices k-1,k,k+1 (2.5D)")
+    p.add_argument("--crop-mm", type=float, default=None, help="scorer crop side in mm (default: 32 pixels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-final-fit", action="store_true", help="ship fold 0's models instead of a fit on all studies")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per training worker")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each (model, fold) trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-concurrent-trials", type=int, default=None)
+    p.add_argument("--max-failures", type=int, default=2, help="restarts of a trial's workers from their last checkpoint")
+    p.add_argument("--storage", default=None, help="Ray Train/Tune storage path (default: REGISTRY/runs)")
+    p.add_argument("--version", default=None, help="version id (default: time-based)")
+    p.add_argument("--champion", action="store_true", help="make the new version the champion")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local runtime")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    det_epochs = args.epochs if args.epochs is not None else args.detector_epochs
+    sc_epochs = args.epochs if args.epochs is not None else args.scorer_epochs
+    series = DetectorConfig.series_types
+    if args.series:
+        from lumbar_ray.targets import SERIES_TYPES, series_slug
+
+        by_slug = {series_slug(s): s for s in SERIES_TYPES}
+        wanted = [s.strip() for s in args.series.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in by_slug and s not in SERIES_TYPES]
+        if unknown:
+            raise SystemExit(f"--series: unknown {unknown}; use {sorted(by_slug)}")
+        series = tuple(by_slug.get(s, s) for s in wanted)
+    return TrainConfig(
+        data=args.data, registry=args.out, folds=args.folds, seed=args.seed,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        final_fit=not args.no_final_fit, storage_path=args.storage, run_name=args.version,
+        max_failures=args.max_failures,
+        scorer=ScorerConfig(epochs=sc_epochs, batch_size=args.scorer_batch_size, channels=args.channels,
+                            crop_mm=args.crop_mm),
+        detector=DetectorConfig(epochs=det_epochs, batch_size=args.detector_batch_size, imgsz=args.imgsz,
+                                series_types=series),
+        resources=ResourceConfig(use_gpu=args.use_gpu, workers_per_trial=args.workers_per_trial,
+                                 cpus_per_worker=args.cpus_per_worker,
+                                 max_concurrent_trials=args.max_concurrent_trials),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.runtime import ray_session
+    from lumbar_ray.train import run_training
+
+    cfg = config_from_args(args)
+    cfg.jobs()  # validates --models before starting Ray
+    with ray_session(args.address, num_cpus=args.num_cpus):
+        outcome = run_training(cfg, echo=print)
+    print(outcome.report)
+    if args.champion:
+        pointer = ModelRegistry(cfg.registry).set_champion(outcome.version, reason="--champion at training")
+        print(f"champion -> {pointer['version']}")
+    print(f"version: {outcome.version}")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())
