@@ -1,0 +1,228 @@
+"""Bulk scoring on Ray Data: studies -> read (CPU tasks) -> detectors (actor pool) -> DeepScoreNet
+(actor pool) -> 25 rows per study -> Parquet, resumable.
+
+The unit of streaming is the study: each row of the dataset is one study all the way through,
+so per-study aggregation needs no shuffle. The driver writes each finished batch of studies as
+whole Parquet part files (atomic), so a killed run keeps what it wrote and a rerun skips every
+study already in the output for that model version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from lumbar_ray import scoring
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreConfig:
+    input: str  # data root (local or s3://)
+    models: str  # REGISTRY[@version]
+    out: str  # output root (local or s3://)
+    split: str = "test"
+    run_id: str | None = None
+    # Resources: the same code on a laptop's CPUs or on GPUs.
+    read_cpus: float = 1.0
+    detector_pool: int = 1
+    detector_gpus: float = 0.0
+    detector_cpus: float = 1.0
+    detector_batch_studies: int = 1
+    scorer_pool: int = 1
+    scorer_gpus: float = 0.0
+    scorer_cpus: float = 0.5
+    scorer_batch_studies: int = 16
+    slice_batch: int = 32  # slices per detector forward pass
+    flush_studies: int = 16  # studies per written part file
+    limit: int | None = None
+    retry_errors: bool = False
+    study_ids: list[str] | None = None  # score only these
+
+
+def _read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
+    from lumbar_ray.dicom_io import read_study
+
+    study_id = str(row["study_id"])
+    try:
+        study = read_study(root, study_id, split=split, descriptions=descriptions)
+        return {"study_id": study_id, "study": study, "error": None}
+    except Exception as exc:  # recorded, never raised: one bad study must not stop the job
+        return {"study_id": study_id, "study": None,
+                "error": {"study_id": study_id, "series_id": None, "stage": "read",
+                          "error_type": type(exc).__name__, "message": str(exc)[:1000]}}
+
+
+class DetectStage:
+    """Actor: loads the three detectors once; all slices of a series go in batched passes."""
+
+    def __init__(self, models: str, slice_batch: int = 32):
+        self.bundle = scoring.ModelBundle.from_registry(models)
+        self.slice_batch = slice_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        detected, errors = [], []
+        for study, error in zip(batch["study"], batch["error"]):
+            if study is None:
+                detected.append(None)
+                errors.append(error)
+                continue
+            try:
+                detected.append(scoring.detect_study(self.bundle, study, batch_size=self.slice_batch))
+                errors.append(None)
+            except Exception as exc:
+                detected.append(None)
+                errors.append({"study_id": str(study.study_id), "series_id": None, "stage": "detect",
+                               "error_type": type(exc).__name__, "message": str(exc)[:1000]})
+        return {"study_id": batch["study_id"], "detected": _objects(detected), "error": _objects(errors)}
+
+
+class ScoreStage:
+    """Actor: loads DeepScoreNet once; grades the crops of a batch of studies in one pass."""
+
+    def __init__(self, models: str, run_id: str):
+        self.bundle = scoring.ModelBundle.from_registry(models)
+        self.run_id = run_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        now = pd.Timestamp.now(tz="UTC")
+        items = [d for d in batch["detected"] if d is not None]
+        crops = np.concatenate([d.crops for d in items]) if items else np.zeros((0, 3, 32, 32), np.float32)
+        probs = scoring.grade_crops(self.bundle, crops)
+        preds, errs, offset = [], [], 0
+        for detected, error in zip(batch["detected"], batch["error"]):
+            if detected is None:
+                preds.append(None)
+                errs.append(scoring.error_frame([error], self.bundle.version, self.run_id, now))
+                continue
+            n = len(detected.crops)
+            preds.append(scoring.study_rows(detected, probs[offset:offset + n], self.bundle.version,
+                                            self.bundle.priors, self.run_id, now))
+            offset += n
+            errs.append(scoring.error_frame(detected.errors, self.bundle.version, self.run_id, now))
+        return {"study_id": batch["study_id"], "predictions": _objects(preds), "errors": _objects(errs)}
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+@dataclass
+class ScoreSummary:
+    run_id: str
+    model_version: str
+    n_listed: int
+    n_skipped_done: int
+    n_scored: int
+    n_with_errors: int
+    n_failed: int
+    seconds: float
+    prediction_rows: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def studies_per_s(self) -> float:
+        return self.n_scored / self.seconds if self.seconds > 0 else float("nan")
+
+
+def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descriptions: pd.DataFrame | None):
+    """The Ray Data plan (lazy): read -> detect -> score."""
+    import ray
+
+    ds = ray.data.from_items([{"study_id": s} for s in study_ids], override_num_blocks=max(1, len(study_ids)))
+    ds = ds.map(_read_study_row, fn_kwargs={"root": cfg.input, "split": cfg.split, "descriptions": descriptions},
+                num_cpus=cfg.read_cpus)
+    ds = ds.map_batches(DetectStage, fn_constructor_kwargs={"models": cfg.models, "slice_batch": cfg.slice_batch},
+                        compute=ray.data.ActorPoolStrategy(size=cfg.detector_pool), num_gpus=cfg.detector_gpus,
+                        num_cpus=cfg.detector_cpus, batch_size=cfg.detector_batch_studies, batch_format="numpy")
+    ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"models": cfg.models, "run_id": run_id},
+                        compute=ray.data.ActorPoolStrategy(size=cfg.scorer_pool), num_gpus=cfg.scorer_gpus,
+                        num_cpus=cfg.scorer_cpus, batch_size=cfg.scorer_batch_studies, batch_format="numpy")
+    return ds
+
+
+def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], int, pd.DataFrame | None]:
+    from lumbar_ray.dicom_io import list_studies
+    from lumbar_ray.dicom_io import load_descriptions
+    from lumbar_ray.outputs import scored_studies
+
+    listed = [str(s) for s in (cfg.study_ids or list_studies(cfg.input, split=cfg.split))]
+    done = scored_studies(cfg.out, model_version, include_errors=not cfg.retry_errors)
+    todo = [s for s in listed if s not in done]
+    if cfg.limit is not None:
+        todo = todo[: cfg.limit]
+    return todo, len(listed), load_descriptions(cfg.input, cfg.split)
+
+
+def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> ScoreSummary:
+    """Score every study of ``cfg.input`` not yet in ``cfg.out`` for this model version."""
+    import ray
+
+    from lumbar_ray.outputs import OutputWriter
+    from lumbar_ray.registry import ModelRegistry, parse_model_spec
+
+    if not ray.is_initialized():
+        raise RuntimeError("run_scoring needs a Ray runtime: call ray.init() first (jobs/score.py does)")
+    root, version = parse_model_spec(cfg.models)
+    model_version = ModelRegistry(root).resolve(version)
+    # Pin the version so every actor loads the same one even if the champion moves meanwhile.
+    cfg = _with(cfg, models=f"{root}@{model_version}")
+    run_id = cfg.run_id or time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    todo, n_listed, descriptions = studies_to_score(cfg, model_version)
+    echo(f"[score] {n_listed} studies listed, {n_listed - len(todo) if cfg.limit is None else n_listed - len(todo)} "
+         f"already scored by {model_version} or left for later; scoring {len(todo)} (run {run_id})")
+    writer = OutputWriter(cfg.out, run_id, model_version)
+    started = time.time()
+    n_scored = n_with_errors = n_failed = rows = 0
+    pending_preds: list[pd.DataFrame] = []
+    pending_errs: list[pd.DataFrame] = []
+    pending = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_preds, pending_errs
+        if pending:
+            writer.write(pd.concat(pending_preds, ignore_index=True) if pending_preds else None,
+                         pd.concat(pending_errs, ignore_index=True) if pending_errs else None)
+        pending, pending_preds, pending_errs = 0, [], []
+
+    if todo:
+        ds = build_dataset(cfg, todo, run_id, descriptions)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for preds, errs in zip(batch["predictions"], batch["errors"]):
+                if preds is not None:
+                    pending_preds.append(preds)
+                    rows += len(preds)
+                    n_scored += 1
+                    n_with_errors += int(errs is not None and len(errs) > 0)
+                else:
+                    n_failed += 1
+                if errs is not None and len(errs):
+                    pending_errs.append(errs)
+                pending += 1
+            if pending >= cfg.flush_studies:
+                flush()
+                done = n_scored + n_failed
+                echo(f"[score] {done}/{len(todo)} studies, {done / max(time.time() - started, 1e-9):.2f} studies/s")
+        flush()
+    writer.close()
+    seconds = time.time() - started
+    summary = ScoreSummary(run_id, model_version, n_listed, n_listed - len(todo), n_scored, n_with_errors, n_failed,
+                           seconds, rows)
+    echo(f"[score] done: {n_scored} scored ({n_with_errors} with recorded problems), {n_failed} failed, "
+         f"{rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
+    return summary
+
+
+def _with(cfg: ScoreConfig, **changes: Any) -> ScoreConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,68 @@
+"""`lumbar-ray score` / `jobs/score.py`: one argument parser, one main."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lumbar_ray.pipeline import ScoreConfig
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = ScoreConfig(input="", models="", out="")
+    p = argparse.ArgumentParser(description="Bulk scoring on Ray Data: studies -> detectors -> DeepScoreNet -> Parquet",
+                                add_help=add_help)
+    p.add_argument("--input", required=True, help="data root in the Kaggle layout (local path or s3://…)")
+    p.add_argument("--models", required=True, help="REGISTRY[@version|@champion|@latest] (default: the champion)")
+    p.add_argument("--out", required=True, help="output root for predictions/ and errors/ Parquet (local or s3://…)")
+    p.add_argument("--split", default=d.split, help="which {split}_images folder to score")
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--detector-pool", type=int, default=d.detector_pool, help="detector actors")
+    p.add_argument("--detector-gpus", type=float, default=d.detector_gpus, help="GPUs per detector actor (0 = CPU)")
+    p.add_argument("--detector-cpus", type=float, default=d.detector_cpus)
+    p.add_argument("--detector-batch-studies", type=int, default=d.detector_batch_studies)
+    p.add_argument("--scorer-pool", type=int, default=d.scorer_pool, help="DeepScoreNet actors")
+    p.add_argument("--scorer-gpus", type=float, default=d.scorer_gpus, help="GPUs per scorer actor (0 = CPU)")
+    p.add_argument("--scorer-cpus", type=float, default=d.scorer_cpus)
+    p.add_argument("--scorer-batch-studies", type=int, default=d.scorer_batch_studies)
+    p.add_argument("--read-cpus", type=float, default=d.read_cpus, help="CPUs per read/decode task")
+    p.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward pass")
+    p.add_argument("--flush-studies", type=int, default=d.flush_studies, help="studies per Parquet part file")
+    p.add_argument("--limit", type=int, default=None, help="score at most this many (new) studies")
+    p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local runtime")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    return ScoreConfig(
+        input=args.input, models=args.models, out=args.out, split=args.split, run_id=args.run_id,
+        read_cpus=args.read_cpus, detector_pool=args.detector_pool, detector_gpus=args.detector_gpus,
+        detector_cpus=args.detector_cpus, detector_batch_studies=args.detector_batch_studies,
+        scorer_pool=args.scorer_pool, scorer_gpus=args.scorer_gpus, scorer_cpus=args.scorer_cpus,
+        scorer_batch_studies=args.scorer_batch_studies, slice_batch=args.slice_batch,
+        flush_studies=args.flush_studies, limit=args.limit, retry_errors=args.retry_errors,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from lumbar_ray.pipeline import run_scoring
+    from lumbar_ray.runtime import ray_session
+
+    cfg = config_from_args(args)
+    with ray_session(args.address, num_cpus=args.num_cpus):
+        summary = run_scoring(cfg, echo=print)
+    print(f"run_id: {summary.run_id}  model_version: {summary.model_version}  "
+          f"scored: {summary.n_scored}  failed: {summary.n_failed}  skipped (done before): {summary.n_skipped_done}")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

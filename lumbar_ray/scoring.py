@@ -1,0 +1,219 @@
+"""Per-study inference, pure of Ray: load a registry version once, detect, crop, grade, and turn
+the result into the 25 rows of a study. The Ray pipeline's actors and the plain in-process loop
+call these same functions, so the two agree to the last bit of arithmetic they share."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lumbar_ray.targets import LEVELS, PROBABILITY_COLUMNS, SERIES_TYPES, TARGETS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    """The models of one registry version, loaded once (per actor)."""
+
+    version: str
+    detectors: dict[str, Any]  # series type -> detector module (eval mode)
+    scorer: Any  # DeepScoreNet (eval mode)
+    channels: str
+    crop_mm: float | None
+    priors: dict[str, list[float]]  # target column -> class prior, for targets with no detection
+    device: Any
+    detector_conf: float = 0.01
+
+    @classmethod
+    def from_registry(cls, spec: str, device: str | None = None, cache_dir: str | None = None) -> "ModelBundle":
+        """Load ``REGISTRY[@version]`` (default: the champion); every weight file's sha256 is
+        checked against the manifest before it is loaded."""
+        import torch
+
+        from lumbar_ray import ultralytics_env
+        from lumbar_ray.config import SCORER, detector_job
+        from lumbar_ray.registry import ModelRegistry, parse_model_spec
+
+        ultralytics_env.configure()
+        from lumbar_ray.detector import load_detector
+        from lumbar_ray.scorer import DeepScoreNet
+
+        root, version = parse_model_spec(spec)
+        registry = ModelRegistry(root)
+        version = registry.resolve(version)
+        manifest = registry.manifest(version)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        local = Path(cache_dir or tempfile.mkdtemp(prefix="lumbar-ray-models-")) / version
+        models = manifest.get("models", {})
+        detectors = {}
+        for series_type in SERIES_TYPES:
+            name = models.get(detector_job(series_type))
+            if name:
+                detectors[series_type] = load_detector(registry.fetch(version, name, local), device=device)
+        if SCORER not in models:
+            raise ValueError(f"registry version {version} has no scorer")
+        payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)
+        scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
+        scorer.load_state_dict(payload["state_dict"])
+        scorer.to(device).eval()
+        return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
+                   crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
+                   detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)))
+
+
+@dataclass
+class TargetHit:
+    """Where one target was found (or not) in one study."""
+
+    target_index: int
+    series_id: str | None = None
+    slice_index: int | None = None
+    instance_number: int | None = None
+    x: float | None = None
+    y: float | None = None
+    confidence: float | None = None
+
+    @property
+    def detected(self) -> bool:
+        return self.slice_index is not None
+
+
+@dataclass
+class DetectedStudy:
+    """A study after detection: its hits, the crops of the detected ones, and what went wrong."""
+
+    study_id: str
+    hits: list[TargetHit]  # 25, in targets-table order
+    crops: np.ndarray  # (n_detected, C, 32, 32), in the order of detected hits
+    flags: list[str] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # rows for the errors table
+
+
+def detect_study(bundle: ModelBundle, study, batch_size: int = 32) -> DetectedStudy:
+    """Run each series type's detector over all slices of its series (batched), pick one
+    detection per target, and crop the detected points."""
+    from lumbar_ray.detector import detect_series, select_target_detections
+    from lumbar_ray.scorer import extract_crops
+
+    study_id = str(study.study_id)
+    hits = {t.index: TargetHit(t.index) for t in TARGETS}
+    flags: list[str] = []
+    errors: list[dict] = []
+    crops_by_target: dict[int, np.ndarray] = {}
+    if study.skipped:
+        flags.append(f"skipped_files:{len(study.skipped)}")
+        for skipped in study.skipped:
+            errors.append({"study_id": study_id, "series_id": _series_of_path(skipped.path), "stage": "read",
+                           "error_type": skipped.error_type, "message": f"{Path(str(skipped.path)).name}: {skipped.reason}"})
+    for series_type in SERIES_TYPES:
+        series = study.series.get(series_type)
+        if series is None:
+            flags.append(f"series_missing:{series_type}")
+            errors.append({"study_id": study_id, "series_id": None, "stage": "read", "error_type": "SeriesMissing",
+                           "message": f"no {series_type} series could be read; its targets use the prior"})
+            continue
+        detector = bundle.detectors.get(series_type)
+        if detector is None:
+            flags.append(f"no_detector:{series_type}")
+            continue
+        try:
+            detections = detect_series(detector, series, conf=bundle.detector_conf, device=bundle.device,
+                                       batch_size=batch_size)
+            chosen = select_target_detections(detections, series_type, series)
+        except Exception as exc:  # one bad series must not lose the study's other rows
+            flags.append(f"detect_failed:{series_type}")
+            errors.append({"study_id": study_id, "series_id": str(series.series_id), "stage": "detect",
+                           "error_type": type(exc).__name__, "message": str(exc)[:500]})
+            continue
+        found = [(index, det) for index, det in sorted(chosen.items()) if det is not None]
+        if not found:
+            continue
+        points = np.array([(det.slice_index, det.x, det.y) for _, det in found], dtype=np.float64)
+        crops = extract_crops(series.volume, points, channels=bundle.channels, mm=bundle.crop_mm,
+                              pixel_spacing=tuple(series.pixel_spacing))
+        for (index, det), crop in zip(found, crops):
+            hits[index] = TargetHit(index, str(series.series_id), int(det.slice_index), int(det.instance_number),
+                                    float(det.x), float(det.y), float(det.confidence))
+            crops_by_target[index] = crop
+    ordered = [hits[t.index] for t in TARGETS]
+    detected = [h.target_index for h in ordered if h.detected]
+    crops = np.stack([crops_by_target[i] for i in detected]) if detected else np.zeros((0, 3, 32, 32), np.float32)
+    return DetectedStudy(study_id, ordered, crops.astype(np.float32), flags, errors)
+
+
+def _series_of_path(path) -> str | None:
+    parts = str(path).rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 else None
+
+
+def study_rows(detected: DetectedStudy, probs: np.ndarray, bundle_version: str, priors: dict[str, list[float]],
+               run_id: str, scored_at: pd.Timestamp) -> pd.DataFrame:
+    """The 25 prediction rows of one study. ``probs`` (n_detected, 3) follows the detected hits'
+    order; a target with no detection gets the model's stored prior and ``detected = False``."""
+    rows = []
+    it = iter(np.asarray(probs, dtype=np.float64))
+    flags = ";".join(detected.flags)
+    for hit in detected.hits:
+        target = TARGETS[hit.target_index]
+        p = next(it) if hit.detected else np.asarray(priors.get(target.column, (1 / 3, 1 / 3, 1 / 3)), dtype=np.float64)
+        rows.append({
+            "study_id": detected.study_id, "row_id": target.row_id(detected.study_id),
+            "condition": target.condition.slug, "level": target.level,
+            **{c: float(v) for c, v in zip(PROBABILITY_COLUMNS, p)},
+            "detected": hit.detected, "confidence": hit.confidence, "series_id": hit.series_id,
+            "instance_number": hit.instance_number, "x": hit.x, "y": hit.y,
+            "model_version": bundle_version, "run_id": run_id, "scored_at": scored_at, "flags": flags,
+        })
+    return pd.DataFrame(rows)
+
+
+def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    from lumbar_ray.scorer import predict_proba
+
+    if len(crops) == 0:
+        return np.zeros((0, len(PROBABILITY_COLUMNS)), np.float32)
+    return predict_proba(bundle.scorer, crops, batch_size=batch_size, device=bundle.device)
+
+
+def error_frame(errors: list[dict], version: str, run_id: str, recorded_at: pd.Timestamp) -> pd.DataFrame:
+    return pd.DataFrame([{**e, "model_version": version, "run_id": run_id, "recorded_at": recorded_at} for e in errors],
+                        columns=["study_id", "series_id", "stage", "error_type", "message", "model_version",
+                                 "run_id", "recorded_at"])
+
+
+__all__ = ["ModelBundle", "TargetHit", "DetectedStudy", "detect_study", "study_rows", "grade_crops",
+           "error_frame", "LEVELS"]
+
+
+def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split: str = "test",
+                     run_id: str = "in-process") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The plain loop (one process, no Ray) over the same functions as the pipeline: the
+    reference that the Ray pipeline must equal."""
+    from lumbar_ray.dicom_io import read_study
+    from lumbar_ray.dicom_io import load_descriptions
+
+    descriptions = load_descriptions(root, split)
+    now = pd.Timestamp.now(tz="UTC")
+    preds, errs = [], []
+    for study_id in study_ids:
+        try:
+            study = read_study(root, study_id, split=split, descriptions=descriptions)
+        except Exception as exc:
+            errs.append(error_frame([{"study_id": str(study_id), "series_id": None, "stage": "read",
+                                      "error_type": type(exc).__name__, "message": str(exc)[:1000]}],
+                                    bundle.version, run_id, now))
+            continue
+        detected = detect_study(bundle, study)
+        preds.append(study_rows(detected, grade_crops(bundle, detected.crops), bundle.version, bundle.priors,
+                                run_id, now))
+        errs.append(error_frame(detected.errors, bundle.version, run_id, now))
+    pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    err = pd.concat([e for e in errs if len(e)], ignore_index=True) if any(len(e) for e in errs) else error_frame([], bundle.version, run_id, now)
+    return pred, err
