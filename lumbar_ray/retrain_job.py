@@ -1,0 +1,44 @@
+"""`lumbar-ray retrain` / `jobs/retrain.py`: train a challenger, promote only if it beats the champion."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lumbar_ray import train_job
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    # Same training flags as `train` (one definition), with --registry in place of --out.
+    p = argparse.ArgumentParser(description="Scheduled retraining with champion/challenger promotion",
+                                parents=[train_job.get_args_parser(add_help=False)], add_help=add_help,
+                                conflict_handler="resolve")
+    p.add_argument("--registry", required=True, help="model registry (local dir or s3://…)")
+    p.add_argument("--out", required=False, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--margin", type=float, default=0.005,
+                   help="promote only if the challenger's holdout RSNA score is lower by at least this")
+    p.add_argument("--holdout-fraction", type=float, default=0.2, help="share of studies held out (by hash of study id)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from lumbar_ray.retrain import RetrainConfig, run_retrain
+    from lumbar_ray.runtime import ray_session
+
+    args.out = args.registry
+    cfg = RetrainConfig(train=train_job.config_from_args(args), margin=args.margin,
+                        holdout_fraction=args.holdout_fraction)
+    with ray_session(args.address, num_cpus=args.num_cpus):
+        decision = run_retrain(cfg, echo=print)
+    print(f"challenger: {decision.challenger}  champion before: {decision.champion}  promoted: {decision.promoted}")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())
