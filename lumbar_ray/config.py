@@ -82,8 +82,10 @@ class TrainConfig:
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     # Studies never trained on (e.g. the retrain holdout).
     exclude_studies: tuple[int, ...] = ()
-    # Fault injection for tests: the first attempt of each trial's worker dies at this epoch.
+    # Fault injection for tests: the first attempt of a trial's worker dies at this epoch
+    # (only the trials of inject_failure_job when that is set).
     inject_failure_at_epoch: int | None = None
+    inject_failure_job: str | None = None
 
     def jobs(self) -> list[str]:
         unknown = set(self.models) - set(MODEL_FAMILIES)

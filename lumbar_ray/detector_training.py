@@ -76,7 +76,7 @@ def detector_worker_loop(cfg: dict) -> None:
     from lumbar_ray.config import DetectorConfig, series_type_of_job
     from lumbar_ray.detector import (
         DEFAULT_BOX_MM, DetectorDataset, build_detector, collate_detector, make_loss_fn, make_optimizer,
-        make_scheduler, train_one_epoch, unwrap_model,
+        make_scheduler, recalibrate_batchnorm, train_one_epoch, unwrap_model,
     )
     from lumbar_ray.train import (
         ALL_FOLDS, HISTORY_FILE, OOF_FILE, _load_resume_state, _maybe_inject_failure, _parquet_bytes,
@@ -138,6 +138,11 @@ def detector_worker_loop(cfg: dict) -> None:
             final = ema.ema
             for attr in ("names", "args", "series_type", "imgsz", "box_mm"):
                 setattr(final, attr, getattr(unwrap_model(model), attr))
+            # The EMA weights' BatchNorm statistics lag behind; recompute them on un-augmented
+            # training images, or the saved model can detect nothing in eval mode.
+            plain = torch.utils.data.DataLoader(dataset.with_augment(False), batch_size=dc.batch_size,
+                                                shuffle=False, collate_fn=collate_detector)
+            recalibrate_batchnorm(final, plain, device)
             extra[weights_file(job)] = _detector_bytes(final, fold=fold, epochs=dc.epochs)
             if val_studies:
                 records, rates = validation_records(final, cfg["data"], cfg["split"], val_studies,

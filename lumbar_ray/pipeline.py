@@ -47,17 +47,31 @@ class ScoreConfig:
     study_ids: list[str] | None = None  # score only these
 
 
+@dataclass
+class StudyItem:
+    """What travels between stages for one study. Ray Data stores it as one Python object, never
+    None (Arrow would turn a missing object into NaN): each field may be None instead."""
+
+    study_id: str
+    study: Any = None  # dicom_io.Study after reading
+    detected: Any = None  # scoring.DetectedStudy after detection
+    error: dict | None = None  # an errors-table row when the study failed as a whole
+    predictions: pd.DataFrame | None = None  # the 25 rows after grading
+    errors: pd.DataFrame | None = None  # the errors-table rows after grading
+
+
 def _read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
     from lumbar_ray.dicom_io import read_study
 
     study_id = str(row["study_id"])
     try:
         study = read_study(root, study_id, split=split, descriptions=descriptions)
-        return {"study_id": study_id, "study": study, "error": None}
+        scoring.require_readable(study)
+        item = StudyItem(study_id, study=study)
     except Exception as exc:  # recorded, never raised: one bad study must not stop the job
-        return {"study_id": study_id, "study": None,
-                "error": {"study_id": study_id, "series_id": None, "stage": "read",
-                          "error_type": type(exc).__name__, "message": str(exc)[:1000]}}
+        item = StudyItem(study_id, error={"study_id": study_id, "series_id": None, "stage": "read",
+                                          "error_type": type(exc).__name__, "message": str(exc)[:1000]})
+    return {"study_id": study_id, "item": item}
 
 
 class DetectStage:
@@ -68,20 +82,17 @@ class DetectStage:
         self.slice_batch = slice_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        detected, errors = [], []
-        for study, error in zip(batch["study"], batch["error"]):
-            if study is None:
-                detected.append(None)
-                errors.append(error)
-                continue
-            try:
-                detected.append(scoring.detect_study(self.bundle, study, batch_size=self.slice_batch))
-                errors.append(None)
-            except Exception as exc:
-                detected.append(None)
-                errors.append({"study_id": str(study.study_id), "series_id": None, "stage": "detect",
-                               "error_type": type(exc).__name__, "message": str(exc)[:1000]})
-        return {"study_id": batch["study_id"], "detected": _objects(detected), "error": _objects(errors)}
+        items = []
+        for item in batch["item"]:
+            if item.study is not None:
+                try:
+                    item.detected = scoring.detect_study(self.bundle, item.study, batch_size=self.slice_batch)
+                except Exception as exc:
+                    item.error = {"study_id": item.study_id, "series_id": None, "stage": "detect",
+                                  "error_type": type(exc).__name__, "message": str(exc)[:1000]}
+                item.study = None  # the volumes are not needed downstream
+            items.append(item)
+        return {"study_id": batch["study_id"], "item": _objects(items)}
 
 
 class ScoreStage:
@@ -93,21 +104,23 @@ class ScoreStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         now = pd.Timestamp.now(tz="UTC")
-        items = [d for d in batch["detected"] if d is not None]
-        crops = np.concatenate([d.crops for d in items]) if items else np.zeros((0, 3, 32, 32), np.float32)
+        items = list(batch["item"])
+        ready = [item.detected for item in items if item.detected is not None]
+        crops = np.concatenate([d.crops for d in ready]) if ready else np.zeros((0, 3, 32, 32), np.float32)
         probs = scoring.grade_crops(self.bundle, crops)
-        preds, errs, offset = [], [], 0
-        for detected, error in zip(batch["detected"], batch["error"]):
+        offset = 0
+        for item in items:
+            detected = item.detected
             if detected is None:
-                preds.append(None)
-                errs.append(scoring.error_frame([error], self.bundle.version, self.run_id, now))
+                item.errors = scoring.error_frame([item.error], self.bundle.version, self.run_id, now)
                 continue
             n = len(detected.crops)
-            preds.append(scoring.study_rows(detected, probs[offset:offset + n], self.bundle.version,
-                                            self.bundle.priors, self.run_id, now))
+            item.predictions = scoring.study_rows(detected, probs[offset:offset + n], self.bundle.version,
+                                                  self.bundle.priors, self.run_id, now)
             offset += n
-            errs.append(scoring.error_frame(detected.errors, self.bundle.version, self.run_id, now))
-        return {"study_id": batch["study_id"], "predictions": _objects(preds), "errors": _objects(errs)}
+            item.errors = scoring.error_frame(detected.errors, self.bundle.version, self.run_id, now)
+            item.detected = None
+        return {"study_id": batch["study_id"], "item": _objects(items)}
 
 
 def _objects(values: list) -> np.ndarray:
@@ -138,15 +151,19 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
     """The Ray Data plan (lazy): read -> detect -> score."""
     import ray
 
+    from lumbar_ray.storage import ray_remote_args_with_storage_env
+
     ds = ray.data.from_items([{"study_id": s} for s in study_ids], override_num_blocks=max(1, len(study_ids)))
     ds = ds.map(_read_study_row, fn_kwargs={"root": cfg.input, "split": cfg.split, "descriptions": descriptions},
-                num_cpus=cfg.read_cpus)
+                num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
     ds = ds.map_batches(DetectStage, fn_constructor_kwargs={"models": cfg.models, "slice_batch": cfg.slice_batch},
                         compute=ray.data.ActorPoolStrategy(size=cfg.detector_pool), num_gpus=cfg.detector_gpus,
-                        num_cpus=cfg.detector_cpus, batch_size=cfg.detector_batch_studies, batch_format="numpy")
+                        num_cpus=cfg.detector_cpus, batch_size=cfg.detector_batch_studies, batch_format="numpy",
+                        **ray_remote_args_with_storage_env())
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"models": cfg.models, "run_id": run_id},
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_pool), num_gpus=cfg.scorer_gpus,
-                        num_cpus=cfg.scorer_cpus, batch_size=cfg.scorer_batch_studies, batch_format="numpy")
+                        num_cpus=cfg.scorer_cpus, batch_size=cfg.scorer_batch_studies, batch_format="numpy",
+                        **ray_remote_args_with_storage_env())
     return ds
 
 
@@ -197,7 +214,8 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     if todo:
         ds = build_dataset(cfg, todo, run_id, descriptions)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for preds, errs in zip(batch["predictions"], batch["errors"]):
+            for item in batch["item"]:
+                preds, errs = item.predictions, item.errors
                 if preds is not None:
                     pending_preds.append(preds)
                     rows += len(preds)

@@ -68,6 +68,20 @@ class ModelBundle:
                    detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)))
 
 
+class UnreadableStudyError(RuntimeError):
+    """A study folder in which no series could be read: it gets an error row, not prior rows."""
+
+
+def require_readable(study) -> None:
+    """Refuse a study with no readable series; the message carries the skipped files' reasons."""
+    if study.series:
+        return
+    reasons = "; ".join(f"{Path(str(f.path)).name}: {f.reason}" for f in study.skipped[:5])
+    more = f" (+{len(study.skipped) - 5} more)" if len(study.skipped) > 5 else ""
+    raise UnreadableStudyError(f"study {study.study_id}: no series could be read"
+                               + (f"; skipped {reasons}{more}" if reasons else "; the folder holds no DICOM series"))
+
+
 @dataclass
 class TargetHit:
     """Where one target was found (or not) in one study."""
@@ -205,6 +219,7 @@ def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split
     for study_id in study_ids:
         try:
             study = read_study(root, study_id, split=split, descriptions=descriptions)
+            require_readable(study)
         except Exception as exc:
             errs.append(error_frame([{"study_id": str(study_id), "series_id": None, "stage": "read",
                                       "error_type": type(exc).__name__, "message": str(exc)[:1000]}],

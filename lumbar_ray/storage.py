@@ -221,3 +221,23 @@ def read_csv(path_or_url: str | os.PathLike, **kwargs: Any):
         )
     with open(text, "rb") as f:
         return pd.read_csv(f, compression=compression, **kwargs)
+
+
+# Environment variables that say how to reach object storage; forwarded to Ray tasks and actors so
+# workers started before they were set (a long-running cluster, a test's runtime) see the same.
+STORAGE_ENV_PREFIXES: tuple[str, ...] = ("AWS_", "LUMBAR_RAY_S3_")
+
+
+def storage_env() -> dict[str, str]:
+    """The storage settings of this process's environment (see :data:`STORAGE_ENV_PREFIXES`)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def ray_remote_args_with_storage_env(**remote_args: Any) -> dict[str, Any]:
+    """``ray_remote_args`` that carry :func:`storage_env` in the runtime env (nothing if empty)."""
+    env = storage_env()
+    if env:
+        runtime_env = dict(remote_args.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        remote_args["runtime_env"] = runtime_env
+    return remote_args

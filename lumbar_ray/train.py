@@ -73,7 +73,9 @@ def prepare_examples(cfg: TrainConfig, points: pd.DataFrame, with_slices: bool) 
     study_ids = sorted(points["study_id"].unique().tolist())
     n_chunks = max(1, min(len(study_ids), int(ray.cluster_resources().get("CPU", 1)) * 4))
     chunks = [c.tolist() for c in np.array_split(np.array(study_ids), n_chunks) if len(c)]
-    task = ray.remote(num_cpus=1)(_examples_for_chunk)
+    from lumbar_ray.storage import ray_remote_args_with_storage_env
+
+    task = ray.remote(**ray_remote_args_with_storage_env(num_cpus=1))(_examples_for_chunk)
     refs = [task.remote(cfg.data, cfg.split, chunk, points[points["study_id"].isin(chunk)],
                         dataclasses.asdict(cfg.scorer), with_slices) for chunk in chunks]
     per_study = [ex for part in ray.get(refs) for ex in part]
@@ -104,12 +106,19 @@ def _load_resume_state() -> dict | None:
 
 
 def _maybe_inject_failure(cfg: dict, epoch: int) -> None:
-    """Test hook: kill this worker process once, at the configured epoch, on the first attempt."""
+    """Test hook: kill this worker process once, during the configured epoch, on the first attempt.
+
+    It dies a few seconds into the epoch, as a worker lost mid-epoch would: Ray Train's controller
+    collects reports (and their checkpoints) when it polls the workers, every 2 s by default, so a
+    worker that dies within that window after reporting loses that report and resumes from the one
+    before; past it, from the last epoch's checkpoint.
+    """
     at = cfg.get("inject_failure_at_epoch")
     marker = cfg.get("failure_marker")
     if at is None or marker is None or epoch != at or os.path.exists(marker):
         return
-    Path(marker).write_text(f"killed at epoch {epoch} pid {os.getpid()}\n")
+    time.sleep(6.0)
+    Path(marker).write_text(f"killed during epoch {epoch} pid {os.getpid()}\n")
     os._exit(1)
 
 
@@ -261,6 +270,9 @@ def fold_trial(config: dict) -> None:
     res = config["resources"]
     fold_name = "all" if fold == ALL_FOLDS else f"fold{fold}"
     worker_cfg = {**config["worker"], "job": job, "fold": fold}
+    target_job = worker_cfg.get("inject_failure_job")
+    if target_job is not None and target_job != job:
+        worker_cfg["inject_failure_at_epoch"] = None
     if worker_cfg.get("inject_failure_at_epoch") is not None:
         worker_cfg["failure_marker"] = os.path.join(config["marker_dir"], f"{job}-{fold_name}.killed")
     resources_per_worker = {"CPU": res["cpus_per_worker"]}
@@ -332,6 +344,7 @@ def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_na
         "split": cfg.split,
         "threads": max(1, int(res.cpus_per_worker)),
         "inject_failure_at_epoch": cfg.inject_failure_at_epoch,
+        "inject_failure_job": cfg.inject_failure_job,
     }
     param_space = {
         "job": tune.grid_search(jobs),
@@ -380,6 +393,7 @@ class TrainingOutcome:
     trials: list[TrialSummary]
     report: str
     problems: list[str]
+    artifacts: str  # {storage}/{version}/artifacts: per (job, fold) weights, OOF and history.json
 
 
 def data_fingerprint(root: str, split: str = "train") -> dict[str, Any]:
@@ -564,6 +578,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
         "models": {j: weights_file(j) for j in cfg.jobs()},
         "shipped_fold": _fold_name(shipped_fold),
         "data": {"root": cfg.data, "split": cfg.split, "n_studies": int(labels["study_id"].nunique()),
+                 "excluded_studies": sorted(int(s) for s in cfg.exclude_studies),
                  "n_labelled_points": int(len(points)), "fingerprint": data_fingerprint(cfg.data, cfg.split)},
         "metrics": metrics_card,
         "priors": {c: [float(v) for v in priors.loc[c].to_numpy()] for c in priors.index},
@@ -573,4 +588,4 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
     }
     registry.publish(version, {k: str(v) for k, v in files.items()}, card)
     echo(f"[train] published {registry.url('versions', version)}")
-    return TrainingOutcome(version, cfg.registry, table, det_table, trials, report, examples.problems)
+    return TrainingOutcome(version, cfg.registry, table, det_table, trials, report, examples.problems, artifacts)

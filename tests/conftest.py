@@ -47,3 +47,46 @@ def ray_runtime():
         yield ray
     finally:
         ray.shutdown()
+
+
+# ----- shared synthetic data and a small trained model (built once per test session) -----------
+
+TRAIN_STUDIES = 8
+TEST_STUDIES = 6
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic dataset in the Kaggle layout: a labelled train split and a test split."""
+    from lumbar_ray import synth
+
+    root = tmp_path_factory.mktemp("rsna")
+    synth.synthesize(str(root), n_studies=TRAIN_STUDIES, seed=11, split="train", size="small")
+    synth.synthesize(str(root), n_studies=TEST_STUDIES, seed=12, split="test", size="small")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_root, tmp_path_factory):
+    """A registry version trained with 2-fold CV on Ray (tiny: fast, not accurate), made champion.
+
+    The scorer trials' first worker is killed at epoch 1 (fault injection) and must resume from
+    the epoch-0 checkpoint: tests/test_training.py checks that.
+    """
+    from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
+    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.runtime import ray_session
+    from lumbar_ray.train import run_training
+
+    registry = tmp_path_factory.mktemp("registry")
+    cfg = TrainConfig(
+        data=str(synthetic_root), registry=str(registry), folds=2, seed=0, final_fit=False,
+        scorer=ScorerConfig(epochs=2, batch_size=64),
+        detector=DetectorConfig(epochs=1, imgsz=64, batch_size=8),
+        resources=ResourceConfig(cpus_per_worker=1.0),
+        inject_failure_at_epoch=1, inject_failure_job="scorer",
+    )
+    with ray_session(num_cpus=2):
+        outcome = run_training(cfg)
+    ModelRegistry(str(registry)).set_champion(outcome.version, reason="test fixture")
+    return outcome

@@ -1,0 +1,531 @@
+"""The per-series-type YOLOv8 detector: model shape, loss, mm-sized boxes, letterbox geometry,
+whole-series inference, selection, hit rates, persistence, DDP loop, and no network use."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lumbar_ray import detector as D
+from lumbar_ray.targets import (
+    AXIAL_T2,
+    SAGITTAL_T1,
+    SAGITTAL_T2,
+    detector_class_names,
+    targets_for_series,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ultralytics_offline(tmp_path_factory):
+    """A private Ultralytics config dir for this test process (if nothing imported it yet)."""
+    if "ultralytics" not in sys.modules:
+        from lumbar_ray import ultralytics_env
+
+        ultralytics_env.configure(tmp_path_factory.mktemp("ultralytics"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class FakeSeries:
+    """The fields of lumbar_ray.dicom_io.Series the detector uses."""
+
+    study_id: int
+    series_id: int
+    series_type: str
+    volume: np.ndarray
+    instance_numbers: np.ndarray
+    positions: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slice_thickness: float = 4.0
+    slice_spacing: float = 4.0
+    plane: str = "sagittal"
+
+    def index_of_instance(self, instance_number: int) -> int:
+        hits = np.flatnonzero(self.instance_numbers == instance_number)
+        if not len(hits):
+            raise KeyError(instance_number)
+        return int(hits[0])
+
+
+def fake_series(series_type=SAGITTAL_T2, n=6, rows=120, cols=90, spacing=(0.8, 0.8), step=4.0, seed=0):
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(200, 20, (n, rows, cols)).astype(np.float32)
+    if series_type == AXIAL_T2:
+        orient = np.array([1, 0, 0, 0, 1, 0], float)
+        pos = np.array([[0.0, 0.0, -step * k] for k in range(n)])  # sorted along normal (0,0,1) ascending
+        pos = pos[::-1].copy()
+        plane = "axial"
+    else:
+        orient = np.array([0, 1, 0, 0, 0, -1], float)
+        # normal = (-1, 0, 0): ascending dot(pos, normal) -> decreasing patient x (left -> right)
+        pos = np.array([[step * (n - 1) / 2 - step * k, 0.0, 0.0] for k in range(n)])
+        plane = "sagittal"
+    return FakeSeries(1, 7, series_type, vol, np.arange(n) + 11, pos, orient, spacing, slice_spacing=step, plane=plane)
+
+
+def blob_image(rows, cols, points, sigma=3.0, rng=None):
+    rng = rng or np.random.default_rng(0)
+    img = rng.normal(0.1, 0.02, (rows, cols)).astype(np.float32)
+    yy, xx = np.mgrid[:rows, :cols]
+    for x, y in points:
+        img += np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def blob_samples(n, rows=100, cols=80, spacing=(1.0, 1.0), seed=0, series_type=SAGITTAL_T2):
+    rng = np.random.default_rng(seed)
+    nc = len(targets_for_series(series_type))
+    out = []
+    for i in range(n):
+        k = min(nc, 5)
+        pts = np.array([[15 + 12 * c + rng.uniform(-3, 3), 12 + 17 * c + rng.uniform(-3, 3)] for c in range(k)])
+        img = blob_image(rows, cols, pts, rng=rng)
+        out.append(D.DetectorSample(1, 2, i + 1, np.rint(img * 255).astype(np.uint8), spacing, np.arange(k), pts))
+    return out
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("series_type,nc", [(SAGITTAL_T1, 10), (SAGITTAL_T2, 5), (AXIAL_T2, 10)])
+def test_model_per_series_type(series_type, nc):
+    model = D.build_detector(series_type, imgsz=128)
+    assert model.model[-1].nc == nc
+    assert model.names == detector_class_names(series_type)
+    assert len(model.names) == nc
+    assert model.series_type == series_type and model.imgsz == 128
+    assert model.box_mm == D.DEFAULT_BOX_MM[series_type]
+    model.eval()
+    with torch.no_grad():
+        y, _ = model(torch.zeros(1, 3, 128, 128))
+    assert y.shape[1] == 4 + nc
+
+
+def test_unknown_series_type():
+    with pytest.raises(KeyError):
+        D.build_detector("Coronal T1")
+
+
+def test_loss_finite_and_decreases():
+    ds = D.DetectorDataset.from_samples(blob_samples(8), SAGITTAL_T2, imgsz=96, box_mm=40)
+    batch = D.collate_detector([ds[i] for i in range(len(ds))])
+    assert batch["img"].shape == (8, 3, 96, 96)
+    assert batch["bboxes"].shape == (40, 4) and batch["cls"].shape == (40, 1) and batch["batch_idx"].shape == (40,)
+    assert torch.equal(batch["batch_idx"], torch.arange(8).repeat_interleave(5).float())
+    assert float(batch["bboxes"].min()) >= 0 and float(batch["bboxes"].max()) <= 1
+    torch.manual_seed(0)
+    model = D.build_detector(SAGITTAL_T2, imgsz=96)
+    loss_fn = D.make_loss_fn(model)
+    opt = D.make_optimizer(model, lr=2e-3)
+    losses = [D.train_one_epoch(model, [batch], opt, loss_fn, "cpu")["loss"] for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
+    # v8's task-aligned assigner gives ~0 box loss while predicted boxes are still huge, so the
+    # loss first rises, then falls: compare the end with the early peak.
+    assert np.mean(losses[-5:]) < 0.6 * max(losses[:8]), losses
+
+
+# ---------------------------------------------------------------- data geometry
+
+
+def test_boxes_sized_in_millimetres():
+    base = blob_samples(1, rows=100, cols=100)[0]
+    fine = D.DetectorSample(**{**base.__dict__, "pixel_spacing": (0.5, 0.5)})
+    coarse = D.DetectorSample(**{**base.__dict__, "pixel_spacing": (1.0, 1.0)})
+    aniso = D.DetectorSample(**{**base.__dict__, "pixel_spacing": (0.5, 1.0)})  # (row, col)
+    ds = D.DetectorDataset.from_samples([fine, coarse, aniso], SAGITTAL_T2, imgsz=100, box_mm=10)
+    wf, hf = ds[0]["bboxes"][0, 2:].tolist()
+    wc, hc = ds[1]["bboxes"][0, 2:].tolist()
+    wa, ha = ds[2]["bboxes"][0, 2:].tolist()
+    # 10 mm at 0.5 mm/px = 20 px; at 1 mm/px = 10 px; canvas 100 px (scale 1)
+    assert wf == pytest.approx(0.20, abs=1e-4) and hf == pytest.approx(0.20, abs=1e-4)
+    assert wc == pytest.approx(0.10, abs=1e-4) and hc == pytest.approx(0.10, abs=1e-4)
+    assert wa == pytest.approx(0.10, abs=1e-4) and ha == pytest.approx(0.20, abs=1e-4)
+    # the mm -> canvas factor follows the letterbox scale too
+    ds2 = D.DetectorDataset.from_samples([coarse], SAGITTAL_T2, imgsz=50, box_mm=10)
+    assert ds2[0]["bboxes"][0, 2].item() == pytest.approx(0.10, abs=1e-4)
+    assert ds2[0]["mm_per_px"].tolist() == pytest.approx([2.0, 2.0])
+
+
+@pytest.mark.parametrize("rows,cols,imgsz", [(512, 512, 256), (320, 256, 256), (200, 300, 384), (64, 48, 96)])
+def test_letterbox_round_trip(rows, cols, imgsz):
+    lb = D.Letterbox.fit(rows, cols, imgsz)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, cols - 1, 50), rng.uniform(0, rows - 1, 50)
+    xb, yb = D.Letterbox.inverse(lb, *lb.forward(x, y))
+    np.testing.assert_allclose(xb, x, atol=1e-9)
+    np.testing.assert_allclose(yb, y, atol=1e-9)
+    # the image lands where the points go: a blob at (x, y) peaks at forward(x, y)
+    px, py = cols * 0.3, rows * 0.7
+    yy, xx = np.mgrid[:rows, :cols]
+    sigma = max(rows, cols) / 40
+    blob = np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * sigma**2)).astype(np.float32)
+    canvas = D.letterbox_image(blob, lb)
+    assert canvas.shape == (imgsz, imgsz)
+    w = np.where(canvas > 0.3 * canvas.max(), canvas, 0.0)
+    cy_, cx_ = np.mgrid[:imgsz, :imgsz]
+    ex, ey = lb.forward(px, py)
+    assert (w * cx_).sum() / w.sum() == pytest.approx(ex, abs=0.25)
+    assert (w * cy_).sum() / w.sum() == pytest.approx(ey, abs=0.25)
+    # the longer side fills the canvas, the other is centred
+    assert lb.forward(-0.5, -0.5)[0] == pytest.approx((imgsz - lb.scale * cols) / 2 - 0.5)
+    assert lb.forward(cols - 0.5, 0)[0] + lb.forward(-0.5, 0)[0] == pytest.approx(imgsz - 1)
+
+
+def test_augmented_boxes_follow_the_image():
+    samples = blob_samples(4, rows=120, cols=90)
+    ds = D.DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=128, box_mm=12, augment=True)
+    torch.manual_seed(3)
+    for i in range(len(ds)):
+        item = ds[i]
+        img = item["img"][0].numpy()
+        for (cx, cy, _, _), (px, py) in zip(item["bboxes"].numpy() * 128, item["points"].numpy()):
+            if 8 < px < 120 and 8 < py < 120:  # boxes clipped at the border move their centre
+                assert abs(cx - px) < 1e-3 and abs(cy - py) < 1e-3
+            r0, c0 = int(round(py)), int(round(px))
+            win = img[max(0, r0 - 4) : r0 + 5, max(0, c0 - 4) : c0 + 5]
+            if win.size:
+                fy, fx = np.unravel_index(np.argmax(win), win.shape)
+                assert abs(max(0, r0 - 4) + fy - py) <= 2.5 and abs(max(0, c0 - 4) + fx - px) <= 2.5
+
+
+def test_samples_from_series_one_per_labelled_instance():
+    series = fake_series(SAGITTAL_T1, n=8)
+    coords = pd.DataFrame(
+        [
+            (1, 7, 12, "Left Neural Foraminal Narrowing", "L4/L5", 30.0, 60.0),
+            (1, 7, 12, "Left Neural Foraminal Narrowing", "L5/S1", 32.0, 80.0),
+            (1, 7, 17, "Right Neural Foraminal Narrowing", "L4/L5", 31.0, 61.0),
+            (1, 7, 14, "Spinal Canal Stenosis", "L4/L5", 40.0, 60.0),  # other series type: ignored
+            (1, 8, 13, "Left Neural Foraminal Narrowing", "L1/L2", 40.0, 60.0),  # other series: ignored
+        ],
+        columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+    )
+    samples = D.samples_from_series(series, coords)
+    assert [s.instance_number for s in samples] == [12, 17]
+    names = detector_class_names(SAGITTAL_T1)
+    assert [names[c] for c in samples[0].class_ids] == [
+        "left_neural_foraminal_narrowing_l4_l5", "left_neural_foraminal_narrowing_l5_s1"]
+    assert [names[c] for c in samples[1].class_ids] == ["right_neural_foraminal_narrowing_l4_l5"]
+    assert samples[0].image.dtype == np.uint8 and samples[0].image.shape == (120, 90)
+    assert samples[0].pixel_spacing == (0.8, 0.8)
+
+
+def test_negative_slices_are_far_from_labelled_ones():
+    series = fake_series(SAGITTAL_T2, n=12)
+    coords = pd.DataFrame(
+        [(1, 7, 16, "Spinal Canal Stenosis", lv, 40.0, 20.0 + 15 * i)
+         for i, lv in enumerate(("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"))],
+        columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+    )
+    assert len(D.samples_from_series(series, coords)) == 1
+    samples = D.samples_from_series(series, coords, negatives=3, negative_gap=2)
+    neg = [s for s in samples if len(s.class_ids) == 0]
+    assert len(samples) == 4 and len(neg) == 3
+    assert all(abs(s.instance_number - 16) >= 2 for s in neg)
+    ds = D.DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=64, augment=True)
+    batch = D.collate_detector([ds[i] for i in range(len(ds))])
+    assert batch["img"].shape[0] == 4 and batch["bboxes"].shape == (5, 4)
+    assert set(batch["batch_idx"].tolist()) == {0.0}
+    model = D.build_detector(SAGITTAL_T2, imgsz=64)
+    loss, _ = D.make_loss_fn(model)(model(batch["img"]), batch)
+    assert torch.isfinite(loss).all()
+
+
+def test_recalibrate_batchnorm():
+    model = D.build_detector(SAGITTAL_T2, imgsz=64)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {m.momentum for m in bns} == {0.1}
+    ds = D.DetectorDataset.from_samples(blob_samples(6), SAGITTAL_T2, imgsz=64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=D.collate_detector)
+    assert D.recalibrate_batchnorm(model, loader) == 6
+    assert not model.training and {m.momentum for m in bns} == {0.1}
+    assert all(int(m.num_batches_tracked) == 2 for m in bns)
+    # first BN: running mean = mean over both batches of its conv's output per channel
+    conv, bn = model.model[0].conv, model.model[0].bn
+    with torch.no_grad():
+        feats = torch.cat([conv(b["img"]) for b in loader])
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- inference
+
+
+class FakeDetector(torch.nn.Module):
+    """Eval-mode output of a DetectionModel ((B, 4+nc, A) xywh + scores) with boxes where we say."""
+
+    def __init__(self, nc, boxes_by_slice, imgsz):
+        super().__init__()
+        self.nc, self.boxes, self.imgsz = nc, boxes_by_slice, imgsz
+        self.seen = 0
+        self.batches = []
+
+    def forward(self, x):
+        b = x.shape[0]
+        y = torch.zeros(b, 4 + self.nc, 8)
+        for j in range(b):
+            for a, (cls, cx, cy, conf) in enumerate(self.boxes.get(self.seen + j, [])):
+                y[j, :4, a] = torch.tensor([cx, cy, 10.0, 10.0])
+                y[j, 4 + cls, a] = conf
+        self.seen += b
+        self.batches.append(b)
+        return y, {}
+
+
+def test_detect_series_maps_to_original_pixels_and_selects():
+    series = fake_series(SAGITTAL_T2, n=7, rows=200, cols=150, spacing=(0.5, 0.5))
+    imgsz = 128
+    lb = D.Letterbox.fit(200, 150, imgsz)
+    truth = {  # slice -> [(class, x, y, conf)] in original pixels
+        1: [(0, 40.0, 50.0, 0.6), (2, 70.0, 120.0, 0.3)],
+        4: [(0, 42.0, 55.0, 0.9), (1, 60.0, 90.0, 0.8)],
+    }
+    boxes = {k: [(c, *lb.forward(x, y), p) for c, x, y, p in v] for k, v in truth.items()}
+    model = FakeDetector(5, boxes, imgsz)
+    dets = D.detect_series(model, series, imgsz=imgsz, conf=0.1, batch_size=3)
+    assert model.batches == [3, 3, 1]
+    assert len(dets) == 4
+    for d in dets:
+        c, x, y, p = next(t for t in truth[d.slice_index] if t[0] == d.class_id)
+        assert d.x == pytest.approx(x, abs=1e-3) and d.y == pytest.approx(y, abs=1e-3)
+        assert d.confidence == pytest.approx(p, abs=1e-6)
+        assert d.instance_number == series.instance_numbers[d.slice_index]
+        assert d.width == pytest.approx(10.0 / lb.scale, rel=1e-4)
+    sel = D.select_target_detections(dets, SAGITTAL_T2)
+    targets = targets_for_series(SAGITTAL_T2)
+    assert set(sel) == {t.index for t in targets}
+    assert sel[targets[0].index].slice_index == 4  # most confident over slices
+    assert sel[targets[1].index].slice_index == 4
+    assert sel[targets[2].index].slice_index == 1
+    assert sel[targets[3].index] is None and sel[targets[4].index] is None
+    assert D.select_target_detections(dets, SAGITTAL_T2, min_conf=0.5)[targets[2].index] is None
+
+
+def test_canal_selection_keeps_one_slice():
+    t2 = targets_for_series(SAGITTAL_T2)
+    dets = [D.Detection(c, 4, 15, 50.0, 10.0 + 20 * c, 0.7) for c in range(4)]  # mid slice, no class 4
+    dets += [D.Detection(1, 2, 13, 50.0, 30.0, 0.9), D.Detection(4, 7, 18, 50.0, 90.0, 0.4)]
+    one_slice = D.select_target_detections(dets, SAGITTAL_T2)
+    assert [one_slice[t.index].slice_index for t in t2] == [4, 4, 4, 4, 7]  # class 4 falls back
+    best = D.select_target_detections(dets, SAGITTAL_T2, rule="max")
+    assert [best[t.index].slice_index for t in t2] == [4, 2, 4, 4, 7]
+    with pytest.raises(ValueError):
+        D.select_target_detections(dets, SAGITTAL_T2, rule="median")
+
+
+def test_real_model_runs_on_a_series():
+    series = fake_series(AXIAL_T2, n=5, rows=96, cols=96)
+    model = D.build_detector(AXIAL_T2, imgsz=64)
+    dets = D.detect_series(model, series, conf=0.0001, batch_size=4)
+    assert dets and all(0 <= d.slice_index < 5 for d in dets)
+    assert all(-20 < d.x < 116 and -20 < d.y < 116 for d in dets)
+    sel = D.select_target_detections(dets, AXIAL_T2)
+    assert len(sel) == 10
+
+
+def test_sagittal_t1_side_from_slice_position():
+    series = fake_series(SAGITTAL_T1, n=9)  # slice 0 most left (patient x largest), 8 most right
+    t1 = targets_for_series(SAGITTAL_T1)
+    left_l1 = next(t for t in t1 if t.side == "left" and t.level == "L1/L2")
+    right_l1 = next(t for t in t1 if t.side == "right" and t.level == "L1/L2")
+    dets = [  # the detector can't tell sides apart: both peaks carry the "left" class
+        D.Detection(left_l1.detector_class_id, 1, 12, 30.0, 40.0, 0.7),
+        D.Detection(left_l1.detector_class_id, 7, 18, 31.0, 41.0, 0.6),
+        D.Detection(right_l1.detector_class_id, 2, 13, 30.0, 40.0, 0.5),
+    ]
+    plain = D.select_target_detections(dets, SAGITTAL_T1)
+    assert plain[left_l1.index].slice_index == 1 and plain[right_l1.index].slice_index == 2
+    geo = D.select_target_detections(dets, SAGITTAL_T1, series)
+    assert geo[left_l1.index].slice_index == 1
+    assert geo[right_l1.index].slice_index == 7 and geo[right_l1.index].class_id == right_l1.detector_class_id
+    assert sum(v is not None for v in geo.values()) == 2
+
+
+def test_hit_rates():
+    series = fake_series(SAGITTAL_T2, n=6, spacing=(0.5, 0.5))
+    t2 = targets_for_series(SAGITTAL_T2)
+    coords = pd.DataFrame(
+        [(1, 7, 13, "Spinal Canal Stenosis", lv, 50.0, 50.0) for lv in ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")],
+        columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+    )
+    sel = {
+        t2[0].index: D.Detection(0, 2, 13, 52.0, 50.0, 0.9),  # 1 mm: hit
+        t2[1].index: D.Detection(1, 2, 13, 50.0, 64.0, 0.9),  # 7 mm: hit at 10 only
+        t2[2].index: D.Detection(2, 3, 14, 50.0, 50.0, 0.9),  # wrong instance
+        t2[3].index: None,
+        t2[4].index: D.Detection(4, 2, 13, 80.0, 50.0, 0.9),  # 15 mm
+    }
+    r = D.detector_hit_rates(sel, coords, series)
+    assert (r.n_labelled, r.n_detected, r.n_right_slice) == (5, 4, 3)
+    assert r.rate(5) == pytest.approx(0.2) and r.rate(10) == pytest.approx(0.4)
+    d = r.as_dict()
+    assert d["hit_5mm"] == pytest.approx(0.2) and d["detected"] == pytest.approx(0.8)
+    merged = D.HitRates.merge([r, r])
+    assert merged.n_labelled == 10 and merged.rate(10) == pytest.approx(0.4)
+    # axial: a neighbouring slice (one spacing away) is still the right slice, two are not
+    ax = fake_series(AXIAL_T2, n=6, step=4.0)
+    t_ax = targets_for_series(AXIAL_T2)
+    coords_ax = pd.DataFrame(
+        [(1, 7, 13, t.condition.name, t.level, 50.0, 50.0) for t in t_ax[:2]],
+        columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+    )
+    sel_ax = {t_ax[0].index: D.Detection(0, 3, 14, 50.0, 50.0, 0.9), t_ax[1].index: D.Detection(1, 4, 15, 50.0, 50.0, 0.9)}
+    r_ax = D.detector_hit_rates(sel_ax, coords_ax, ax)
+    assert r_ax.n_right_slice == 1 and r_ax.rate(5) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- persistence, DDP, offline
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = D.build_detector(SAGITTAL_T1, imgsz=96, box_mm=18)
+    # move BN running stats off their defaults so they are checked too
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 96, 96))
+    model.eval()
+    path = tmp_path / "det.pt"
+    D.save_detector(model, path, fold=3)
+    loaded = D.load_detector(path)
+    assert loaded.names == model.names and loaded.series_type == SAGITTAL_T1
+    assert loaded.imgsz == 96 and loaded.box_mm == 18 and loaded.checkpoint_extra == {"fold": 3}
+    x = torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        a, b = model(x)[0], loaded(x)[0]
+    assert torch.equal(a, b)
+    ckpt = torch.load(path, weights_only=True)  # no pickled modules
+    assert ckpt["nc"] == 10 and ckpt["format"] == D.CHECKPOINT_FORMAT
+    json.dumps(ckpt["yaml"])
+
+
+def test_ddp_wrapped_train_and_evaluate(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = D.build_detector(SAGITTAL_T2, imgsz=64)
+        loss_fn = D.make_loss_fn(model)  # on the bare model, before wrapping
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ds = D.DetectorDataset.from_samples(blob_samples(4), SAGITTAL_T2, imgsz=64, augment=True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=D.collate_detector)
+        opt = D.make_optimizer(ddp, lr=1e-3)
+        sched = D.make_scheduler(opt, total_steps=4, warmup_steps=1)
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = D.train_one_epoch(ddp, loader, opt, loss_fn, "cpu", scheduler=sched)
+        assert stats["n_images"] == 4 and stats["n_batches"] == 2 and math.isfinite(stats["loss"])
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        ev = D.evaluate(ddp, loader, loss_fn, "cpu")
+        assert ev["n_images"] == 4 and ev["n_targets"] == 20 and math.isfinite(ev["loss"])
+        assert 0.0 <= ev["hit_rate_5mm"] <= ev["hit_rate_10mm"] <= 1.0
+        assert D.unwrap_model(ddp) is model
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_detector_small():
+    model, history = D.fit_detector(blob_samples(6), blob_samples(2, seed=1), SAGITTAL_T2, epochs=2, imgsz=64,
+                                    batch_size=3, lr=2e-3)
+    assert len(history) == 2 and "val_hit_rate_5mm" in history[-1] and "loss" in history[0]
+    assert not model.training and model.names == detector_class_names(SAGITTAL_T2)
+
+
+def test_no_network_access(tmp_path):
+    """Fresh interpreter: configure, first import, build, loss, NMS and the font check never
+    touch the network (every socket connect / DNS lookup is recorded and refused)."""
+    script = textwrap.dedent(
+        """
+        import json, socket, sys
+        attempts = []
+        def refuse(name):
+            def f(*a, **k):
+                attempts.append(name + repr(a[:2])[:80])
+                raise OSError("network disabled in test")
+            return f
+        socket.socket.connect = refuse("connect")
+        socket.socket.connect_ex = refuse("connect_ex")
+        socket.create_connection = refuse("create_connection")
+        socket.getaddrinfo = refuse("getaddrinfo")
+        from lumbar_ray import ultralytics_env
+        cfg = ultralytics_env.configure(sys.argv[1])
+        import torch
+        from lumbar_ray import detector as D
+        from lumbar_ray.targets import SAGITTAL_T1
+        m = D.build_detector(SAGITTAL_T1, imgsz=64)
+        loss_fn = D.make_loss_fn(m)
+        batch = {"batch_idx": torch.tensor([0.0]), "cls": torch.tensor([[3.0]]),
+                 "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+        loss, _ = loss_fn(m(torch.rand(1, 3, 64, 64)), batch)
+        loss.sum().backward()
+        m.eval()
+        from ultralytics.utils.nms import non_max_suppression
+        with torch.no_grad():
+            non_max_suppression(m(torch.rand(2, 3, 64, 64))[0], 0.001, 0.5)
+        from ultralytics.utils.checks import check_font
+        font = check_font("Arial.ttf")
+        import ultralytics.utils as uu
+        print(json.dumps({"attempts": attempts, "online": uu.ONLINE, "font": str(font),
+                          "sync": uu.SETTINGS["sync"], "raytune": uu.SETTINGS["raytune"],
+                          "config": str(uu.USER_CONFIG_DIR)}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ucfg")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["attempts"] == []
+    assert out["online"] is False and out["sync"] is False and out["raytune"] is False
+    assert out["config"] == str(tmp_path / "ucfg" / "Ultralytics")
+    assert out["font"] == str(tmp_path / "ucfg" / "Ultralytics" / "Arial.ttf")
+    assert (tmp_path / "ucfg" / "Ultralytics" / "Arial.Unicode.ttf").is_file()
+
+
+def test_no_side_effects_at_import():
+    code = "import sys, lumbar_ray.detector, lumbar_ray.ultralytics_env; print('ultralytics' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_loop_and_inference():
+    """The Ray worker order: loss made on CPU, model moved to the GPU afterwards; AMP on."""
+    torch.manual_seed(0)
+    model = D.build_detector(SAGITTAL_T2, imgsz=128)
+    loss_fn = D.make_loss_fn(model)
+    model = model.cuda()
+    ds = D.DetectorDataset.from_samples(blob_samples(8), SAGITTAL_T2, imgsz=128, box_mm=30, augment=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=D.collate_detector)
+    opt = D.make_optimizer(model, lr=2e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    ema = ModelEMA(model)
+    for _ in range(3):
+        stats = D.train_one_epoch(model, loader, opt, loss_fn, "cuda", scaler, ema=ema)
+        assert math.isfinite(stats["loss"]) and stats["n_images"] == 8
+    ev = D.evaluate(ema.ema, loader, loss_fn, "cuda")
+    assert math.isfinite(ev["loss"])
+    dets = D.detect_series(ema.ema, fake_series(SAGITTAL_T2, n=5), conf=0.0001, device="cuda")
+    assert all(isinstance(d.x, float) for d in dets)

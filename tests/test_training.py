@@ -1,0 +1,81 @@
+"""Cross-validated training on Ray (tiny synthetic set, 2 folds): folds, concurrency, fault
+tolerance, registry integrity. The training itself runs once, in the session fixture `trained`."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lumbar_ray.config import SCORER
+from lumbar_ray.registry import ChecksumMismatchError, ModelRegistry
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def test_folds_are_disjoint_by_study_and_oof_matches_them(trained):
+    registry = ModelRegistry(trained.registry)
+    version_dir = Path(trained.registry) / "versions" / trained.version
+    folds = pd.read_parquet(version_dir / "folds.parquet")
+    assert folds["study_id"].is_unique
+    assert set(folds["fold"]) == {0, 1}
+    oof = pd.read_parquet(version_dir / "oof_scorer.parquet")
+    fold_of = dict(zip(folds["study_id"], folds["fold"]))
+    # Every out-of-fold row comes from the fold whose model never saw that study.
+    assert (oof["study_id"].map(fold_of) == oof["fold"]).all()
+    # Each study is predicted by exactly one fold model.
+    assert (oof.groupby("study_id")["fold"].nunique() == 1).all()
+    assert registry.manifest(trained.version)["shipped_fold"] == "fold0"
+
+
+def test_folds_ran_concurrently(trained):
+    spans = [(t.fold, t.started, t.finished) for t in trained.trials]
+    assert {f for f, _, _ in spans} == {0, 1}
+    overlapping = [
+        (a, b) for a in spans for b in spans
+        if a[0] == 0 and b[0] == 1 and a[1] < b[2] and b[1] < a[2]
+    ]
+    assert overlapping, f"no fold-0 trial overlapped a fold-1 trial: {spans}"
+
+
+def test_killed_worker_resumed_from_its_checkpoint(trained):
+    for fold in ("fold0", "fold1"):
+        history = json.loads((Path(trained.artifacts) / SCORER / fold / "history.json").read_text())
+        events = [h for h in history if h.get("event") == "resumed"]
+        assert events and events[0]["epoch"] == 1, history  # restarted after epoch 0's checkpoint
+        epochs = [h["epoch"] for h in history if "event" not in h]
+        assert epochs == [0, 1], history  # epoch 0 was not trained twice
+
+
+def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
+    table = trained.metric_table
+    assert set(table["model"]) == {"deepscorenet", "baseline_majority", "baseline_prior"}
+    n = table[table["group"] == "all"].set_index("model")["n"]
+    assert n.nunique() == 1 and n.iloc[0] > 0
+    assert "detector_sagittal_t2_stir" in set(trained.detector_table["detector"])
+    assert "within_5mm" in trained.detector_table.columns
+
+
+def test_manifest_checksums_match_and_tampered_weights_are_refused(trained, tmp_path):
+    registry = ModelRegistry(trained.registry)
+    manifest = registry.manifest(trained.version)
+    assert set(manifest["sha256"]) == {f"{job}.pt" for job in manifest["models"]}
+    for key in ("version", "created_at", "git_commit", "config", "targets", "input_spec", "data", "metrics", "priors"):
+        assert key in manifest
+    assert len(manifest["targets"]) == 25 and len(manifest["priors"]) == 25
+    registry.verify(trained.version)
+    # Tamper with a copy of the registry, never the shared fixture.
+    import shutil
+
+    copy = tmp_path / "registry"
+    shutil.copytree(trained.registry, copy)
+    weights = copy / "versions" / trained.version / "scorer.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the middle of the file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError):
+        ModelRegistry(str(copy)).fetch(trained.version, "scorer.pt", tmp_path / "dl")
+    from lumbar_ray.scoring import ModelBundle
+
+    with pytest.raises(ChecksumMismatchError):
+        ModelBundle.from_registry(f"{copy}@{trained.version}", device="cpu")
