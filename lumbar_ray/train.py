@@ -127,6 +127,9 @@ def _report_epoch(metrics: dict, state: dict, extra_files: dict[str, bytes] | No
     import ray.train
     import torch
 
+    import ray
+
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -298,7 +301,8 @@ def fold_trial(config: dict) -> None:
             if name != STATE_FILE:
                 fs.put_file(os.path.join(directory, name), f"{out_path}/{name}")
     tune.report({"job": job, "fold": fold, "started": started, "finished": finished,
-                 "node_ip": _node_ip(), **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}})
+                 "node_ip": _node_ip(), "node_id": result.metrics.get("node_id", ""),
+                 **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}})
 
 
 def _node_ip() -> str:
@@ -314,6 +318,7 @@ class TrialSummary:
     started: float
     finished: float
     node_ip: str
+    node_id: str  # the node of the trial's rank-0 training worker
     metrics: dict[str, Any]
 
 
@@ -373,7 +378,8 @@ def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_na
             failures.append(f"{result.config.get('job')} fold {result.config.get('fold')}: {result.error}")
             continue
         m = result.metrics
-        summaries.append(TrialSummary(m["job"], int(m["fold"]), m["started"], m["finished"], m["node_ip"], m))
+        summaries.append(TrialSummary(m["job"], int(m["fold"]), m["started"], m["finished"], m["node_ip"],
+                                      m.get("node_id", ""), m))
     if failures:
         raise RuntimeError("training trials failed:\n" + "\n".join(failures))
     return summaries
