@@ -37,8 +37,8 @@ def synth(
         raise typer.BadParameter("split must be 'train' or 'test'")
     summary = synth_mod.synthesize(out, n_studies=studies, seed=seed, split=split, size=size,
                                    labels_csv=labels_csv, workers=workers)
-    typer.echo(f"wrote {studies} {split} studies to {out}")
-    typer.echo(str(summary))
+    typer.echo(f"wrote {summary.n_studies} {split} studies ({summary.n_series} series, {summary.n_images} images, "
+               f"{summary.n_coordinates} labelled points) to {out} in {summary.seconds:.1f} s")
     if contact_sheet is not None:
         study_ids = synth_mod.study_ids_of(summary)
         png = synth_mod.write_contact_sheet(out, study_ids[0], contact_sheet, split=split)
@@ -204,7 +204,7 @@ def report(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("work/demo"), help="Where the demo writes data and outputs."),
-    studies: int = typer.Option(8, min=1),
+    studies: int = typer.Option(6, min=1, help="Test studies to score."),
     seed: int = 7,
 ) -> None:
     """Run the main job on the embedded default (synthetic studies) and print where things went."""

@@ -15,12 +15,12 @@ from typing import Callable
 
 @dataclass
 class DemoSizes:
-    train_studies: int = 48
-    test_studies: int = 8
+    train_studies: int = 32
+    test_studies: int = 6
     folds: int = 2
-    detector_epochs: int = 12
-    scorer_epochs: int = 12
-    imgsz: int = 160
+    detector_epochs: int = 10
+    scorer_epochs: int = 10
+    imgsz: int = 128
 
 
 def run_demo(workdir: Path, studies: int | None = None, seed: int = 7, echo: Callable[[str], None] = print,

@@ -91,7 +91,11 @@ class PromotionLock:
         try:
             with fs.open(self.path, "xb") as handle:  # exclusive create: fails if it exists
                 handle.write(body)
-        except FileExistsError as exc:
+        except (FileExistsError, OSError) as exc:
+            # s3fs reports a failed If-None-Match (HTTP 412) as OSError "pre-conditions ... did
+            # not hold"; any other OSError is a real failure.
+            if not isinstance(exc, FileExistsError) and "pre-condition" not in str(exc).lower():
+                raise
             try:
                 held = self.registry.read_json(self.path)
             except Exception:  # noqa: BLE001 - only for the message

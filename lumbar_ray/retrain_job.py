@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from lumbar_ray import train_job
@@ -36,8 +35,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main(get_args_parser().parse_args(argv))
+    from lumbar_ray.runtime import run_job
+
+    return run_job(get_args_parser, main, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,3 +34,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         yield
     finally:
         ray.shutdown()
+
+
+def run_job(get_args_parser, main, argv: list[str] | None = None) -> int:
+    """Entry point shared by jobs/*.py and the CLI: logging, parse, main."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(get_args_parser().parse_args(argv))

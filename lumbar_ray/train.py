@@ -440,13 +440,14 @@ def _fold_name(fold: int) -> str:
 
 
 def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Overall and per-fold tables: DeepScoreNet against the majority and prior baselines, all
+    """Overall and per-fold tables: DeepScoreNet against the majority, prior and weighted-prior
+    baselines (fitted on the training folds only), all
     scored on exactly the same (study, target) rows (the labelled points the scorer saw)."""
     from lumbar_ray.metrics import baseline_oof_predictions, metric_table, rsna_score
 
     keys = oof[["study_id", "column"]]
     frames = {"deepscorenet": oof}
-    for kind in ("majority", "prior"):
+    for kind in ("majority", "prior", "weighted_prior"):
         base = baseline_oof_predictions(labels[["study_id", "column", "label"]], folds_frame, kind=kind)
         frames[f"baseline_{kind}"] = base.merge(keys, on=["study_id", "column"], how="inner")
     table = metric_table(frames)

@@ -49,7 +49,7 @@ def test_killed_worker_resumed_from_its_checkpoint(trained):
 
 def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
     table = trained.metric_table
-    assert set(table["model"]) == {"deepscorenet", "baseline_majority", "baseline_prior"}
+    assert set(table["model"]) == {"deepscorenet", "baseline_majority", "baseline_prior", "baseline_weighted_prior"}
     n = table[table["group"] == "all"].set_index("model")["n"]
     assert n.nunique() == 1 and n.iloc[0] > 0
     assert "detector_sagittal_t2_stir" in set(trained.detector_table["detector"])

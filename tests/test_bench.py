@@ -1,0 +1,203 @@
+"""The benchmark's pure helpers (no training, no Ray): the paper-style per-slice loop (b) agrees
+with the batched package path, it really makes one call per slice and per crop, the memory
+sampler sees a process tree, and the verdicts are honest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lumbar_ray import bench
+from lumbar_ray.dicom_io import Series, Study
+from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS, targets_for_series
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ultralytics_offline(tmp_path_factory):
+    if "ultralytics" not in sys.modules:
+        from lumbar_ray import ultralytics_env
+
+        ultralytics_env.configure(tmp_path_factory.mktemp("ultralytics"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class ImageDrivenDetector(torch.nn.Module):
+    """A stand-in for an eval-mode YOLOv8 DetectionModel ((B, 4 + nc, A) xywh + class scores):
+    class c has one box at a fixed canvas position and a confidence that is a function of the
+    image under it, so each slice gives its own, well separated scores (no ties to break)."""
+
+    def __init__(self, nc: int, imgsz: int = 64):
+        super().__init__()
+        self.nc, self.imgsz = nc, imgsz
+        self.anchor = [(12.0 + 3.5 * c, 14.0 + 3.0 * c) for c in range(nc)]
+        self.scale = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def forward(self, x):
+        b = x.shape[0]
+        y = torch.zeros(b, 4 + self.nc, self.nc)
+        for c, (cx, cy) in enumerate(self.anchor):
+            patch = x[:, 0, int(cy) - 2 : int(cy) + 2, int(cx) - 2 : int(cx) + 2]
+            y[:, 0, c], y[:, 1, c], y[:, 2, c], y[:, 3, c] = cx, cy, 8.0, 8.0
+            y[:, 4 + c, c] = 0.05 + 0.9 * patch.mean(dim=(1, 2)) * self.scale
+        return y, {}
+
+
+def _series(series_type: str, n: int, rows: int, cols: int, seed: int) -> Series:
+    rng = np.random.default_rng(seed)
+    vol = rng.gamma(2.0, 150.0, (n, rows, cols)).astype(np.float32)
+    if series_type == AXIAL_T2:
+        orient = np.array([1, 0, 0, 0, 1, 0], float)
+        pos = np.array([[0.0, 0.0, -4.0 * k] for k in range(n)])[::-1].copy()
+        plane = "axial"
+    else:
+        orient = np.array([0, 1, 0, 0, 0, -1], float)
+        pos = np.array([[4.0 * (n - 1) / 2 - 4.0 * k, 0.0, 0.0] for k in range(n)])
+        plane = "sagittal"
+    return Series("1", str(100 + seed), series_type, series_type, plane, vol, np.arange(n) + 1, pos, orient,
+                  (0.9, 0.9), 4.0, 4.0, [f"{k + 1}.dcm" for k in range(n)])
+
+
+def _bundle():
+    from lumbar_ray.scorer import DeepScoreNet
+    from lumbar_ray.scoring import ModelBundle
+
+    torch.manual_seed(0)
+    scorer = DeepScoreNet(in_channels=3)
+    # Non-trivial BatchNorm statistics, so eval mode really normalises.
+    for m in scorer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    scorer.eval()
+    detectors = {t: ImageDrivenDetector(len(targets_for_series(t))).eval() for t in (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)}
+    return ModelBundle(version="v-test", detectors=detectors, scorer=scorer, channels="repeat", crop_mm=None,
+                       priors={}, device=torch.device("cpu"), detector_conf=0.01)
+
+
+def _study() -> Study:
+    return Study("1", {SAGITTAL_T1: _series(SAGITTAL_T1, 7, 80, 72, 1), SAGITTAL_T2: _series(SAGITTAL_T2, 6, 80, 72, 2),
+                       AXIAL_T2: _series(AXIAL_T2, 11, 72, 72, 3)})
+
+
+def test_paper_loop_equals_batched_package_path():
+    from lumbar_ray.scoring import study_rows
+
+    bundle, study = _bundle(), _study()
+    counter = bench.watch_bundle(bundle)
+    paper, paper_probs = bench.paper_style_predict(bundle, study)
+    counter.remove()
+    batched, batched_probs = bench.batched_predict(bundle, study, slice_batch=32)
+
+    n_slices = sum(s.n_slices for s in study.series.values())
+    # (b) is what it claims: one detector call per slice, one DeepScoreNet call per crop.
+    assert counter.calls["detector"] == counter.items["detector"] == n_slices
+    assert counter.max_batch["detector"] == 1
+    assert counter.calls["scorer"] == counter.items["scorer"] == len(paper.crops) == len(TARGETS)
+    assert counter.max_batch["scorer"] == 1
+    # ... and finds, crops and grades exactly what the batched pipeline path does.
+    assert [(h.series_id, h.slice_index, h.x, h.y) for h in paper.hits] == \
+           [(h.series_id, h.slice_index, h.x, h.y) for h in batched.hits]
+    np.testing.assert_allclose([h.confidence for h in paper.hits], [h.confidence for h in batched.hits], atol=1e-6)
+    np.testing.assert_array_equal(paper.crops, batched.crops)
+    assert paper_probs.shape == (len(TARGETS), 3)
+    np.testing.assert_allclose(paper_probs, batched_probs, atol=1e-5)
+    assert not np.allclose(paper_probs, paper_probs[0])  # not a constant model: the check means something
+    now = pd.Timestamp.now(tz="UTC")
+    a = study_rows(paper, paper_probs, "v", {}, "r", now)
+    b = study_rows(batched, batched_probs, "v", {}, "r", now)
+    np.testing.assert_allclose(a[["normal_mild", "moderate", "severe"]], b[["normal_mild", "moderate", "severe"]],
+                               atol=1e-5)
+
+
+def test_per_crop_proba_one_call_per_crop_and_empty():
+    bundle = _bundle()
+    crops = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    counter = bench.CallCounter().watch("scorer", bundle.scorer)
+    probs = bench.per_crop_proba(bundle.scorer, crops)
+    counter.remove()
+    assert counter.calls["scorer"] == 5 and counter.max_batch["scorer"] == 1
+    from lumbar_ray.scorer import predict_proba
+
+    np.testing.assert_allclose(probs, predict_proba(bundle.scorer, crops, batch_size=256), atol=1e-5)
+    assert bench.per_crop_proba(bundle.scorer, crops[:0]).shape == (0, 3)
+
+
+def test_real_yolo_is_batch_invariant_in_eval_mode():
+    """The real YOLOv8n graph gives the same outputs one slice at a time as batched."""
+    from lumbar_ray.detector import build_detector, preprocess_slices
+
+    model = build_detector(AXIAL_T2, imgsz=64, seed=0).eval()
+    vol = np.random.default_rng(1).uniform(0, 1, (5, 80, 70)).astype(np.float32)
+    x, _ = preprocess_slices(vol, 64)
+    with torch.no_grad():
+        batched = model(x)[0]
+        single = torch.cat([model(x[i : i + 1])[0] for i in range(len(x))])
+    torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-4)
+
+
+def test_detectors_alone_counts_slices_batched():
+    bundle, study = _bundle(), _study()
+    counter = bench.watch_bundle(bundle)
+    n = bench.detectors_alone(bundle, [study, study], slice_batch=32)
+    counter.remove()
+    assert n == 2 * sum(s.n_slices for s in study.series.values()) == counter.items["detector"]
+    assert counter.calls["detector"] == 6  # one call per series: every series fits in one batch
+    assert "scorer" not in counter.calls
+
+
+def test_memory_sampler_sees_self_and_children():
+    with bench.MemorySampler(interval_s=0.05) as mem:
+        block = np.ones(40_000_000, dtype=np.float64)  # 305 MB, touched
+        time.sleep(0.2)
+        del block
+    assert mem.available and mem.samples >= 2
+    assert mem.peak_mb - mem.baseline_mb > 250
+    assert mem.group_peaks["driver"] * 2**-20 > 250
+
+    code = "import numpy as np, time; a = np.ones(30_000_000); time.sleep(1.5)"
+    with bench.MemorySampler(interval_s=0.05) as tree:
+        child = subprocess.Popen([sys.executable, "-c", code])
+        child.wait(timeout=30)
+    assert tree.max_processes >= 2
+    assert tree.group_peaks.get("other", 0) * 2**-20 > 200  # the child's 229 MB counted
+
+
+def _m(path, n, seconds, peak=1000.0):
+    return bench.Measurement(path, n, seconds, n, peak_rss_mb=peak)
+
+
+def test_verdicts_are_honest():
+    # a: 4 in 20 s, 40 in 38 s; b: 40 in 80 s; c: 40 in 30 s
+    results = [_m("a", 4, 20.0, 1000), _m("a", 40, 38.0, 1050), _m("b", 4, 8.0, 800), _m("b", 40, 80.0, 1100),
+               _m("c", 4, 3.0), _m("c", 40, 30.0)]
+    assert bench.marginal_rate(results, "a", 4, 40) == pytest.approx(36 / 18)
+    v = {x.name.split(" at ")[0].split(",")[0]: x for x in bench.verdicts(results, 4, 40)}
+    assert v["a/b >= 5"].met is False and v["a/b >= 5"].measured == "2.11"
+    assert "c/b = 2.67" in v["a/b >= 5"].why  # the reason comes from the measurements
+    assert v["a/c >= 0.8"].met is False and v["a/c >= 0.8"].measured == "0.79"
+    flat = [x for x in bench.verdicts(results, 4, 40) if x.name.startswith("memory")]
+    assert [x.met for x in flat] == [True, False]  # +5% is flat, +37.5% is not
+    table = bench.markdown_table(results, 4, 40)
+    assert table.count("\n| (a) Ray pipeline |") == 2 and "**no**" in table and "| yes |" in table
+    # missing paths are reported as not measured, never as met
+    partial = bench.verdicts([_m("a", 4, 1.0), _m("a", 40, 5.0)], 4, 40)
+    assert [x.met for x in partial[:2]] == [None, None]
+
+
+def test_args_and_gpu_defaults():
+    p = bench.get_args_parser()
+    args = p.parse_args([])
+    assert (args.n, args.scale, args.size, args.num_gpus) == (4, 10, "small", 0)
+    kw = bench._score_kwargs(args, "/data", "/reg@v1")
+    assert kw["detector_gpus"] == 0.0 and kw["scorer_gpus"] == 0.0 and kw["detector_pool"] == 1
+    gpu = bench._score_kwargs(p.parse_args(["--num-gpus", "2", "--size", "full"]), "/data", "/reg@v1")
+    assert gpu["detector_pool"] == 2 and gpu["detector_gpus"] == 0.75 and gpu["scorer_gpus"] == 0.25
+    from lumbar_ray.pipeline import ScoreConfig
+
+    ScoreConfig(out="/o", **gpu)  # every key is a ScoreConfig field
