@@ -27,8 +27,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
             kwargs["num_cpus"] = num_cpus
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
-    # The driver's working directory goes to the workers so jobs run from a checkout find the package.
-    ray.init(address=address, **kwargs)
+    # "local" always starts a fresh runtime: a bare ray.init() would join whatever cluster
+    # /tmp/ray/ray_current_cluster names (anyone's `ray start --head` on this machine).
+    ray.init(address=address if address is not None else "local", **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
     try:
         yield

@@ -278,7 +278,7 @@ def start_ray_head(num_cpus: int = 2, timeout: float = 120.0, extra_env: dict[st
                              # 30 s (meant for Serve on Kubernetes); a test head has nothing to drain.
                              "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                              **(extra_env or {})})
-    args = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+    args = [RAY, "start", "--head", "--block", f"--num-cpus={num_cpus}",
             "--num-gpus=0", f"--object-store-memory={object_store_mb * 2**20}", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
             f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}",
@@ -320,13 +320,15 @@ def private_ray_tmpdir() -> Iterator[str]:
     """A fresh short temp dir set as ``RAY_TMPDIR`` (see module doc), plus free ports for the
     dashboard's and autoscaler's metrics, for the block; the environment is restored on exit."""
     temp_dir = tempfile.mkdtemp(prefix="lr-mn-", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", "RAY_AUTH_MODE", *ENV_PORTS)}
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", *ENV_PORTS)}
     ports, _ = free_ports(len(ENV_PORTS))
     os.environ["RAY_TMPDIR"] = temp_dir
-    # The nodes read this when they start: no token auth on this loopback test cluster, whatever
-    # an earlier local ray.init() in this process chose (it sets RAY_AUTH_MODE=token when
-    # ~/.ray/auth_token exists). A driver that still sends a token is accepted either way.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # RAY_AUTH_MODE is left as this process has it, on purpose: the nodes inherit it, so they and
+    # this driver agree. An earlier local ray.init() here (e.g. the `trained` fixture) set it to
+    # "token" (Ray 2.60 does when ~/.ray/auth_token exists) and that choice stays cached in the
+    # driver's core worker; nodes started with "disabled" then send no token to the driver's
+    # own gRPC server, its calls are refused, and the driver looks dead to them (OwnerDiedError,
+    # actors "cancelled before they started").
     os.environ.pop("RAY_ADDRESS", None)
     for name, port in zip(ENV_PORTS, ports):
         os.environ[name] = str(port)
