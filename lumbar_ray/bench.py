@@ -15,7 +15,15 @@ Each is run for N and ``scale``×N studies (the N studies are the first N of the
 a fresh process of its own, so that one path's memory never shows up in another's. Peak memory
 is the RSS of that process and all its descendants (for (a): the driver, Ray's own processes and
 its worker/actor processes — a local runtime started by the benchmark is a child of the driver),
-sampled with psutil in a background thread.
+sampled with psutil in a background thread. With ``--address`` (an existing cluster) the workers
+are not this process's descendants: the memory column then covers the driver side only.
+
+(b) and (c) run with ``--threads`` torch threads, by default as many as the CPUs the pipeline
+gives its detector actors (Ray sets each actor's OMP_NUM_THREADS to its CPUs): the same compute
+for the same work. On a busy machine more threads than free cores make OpenMP 10-100x slower
+(measured here: 2 threads under a load of 10 on 2 cores, 235 -> 3 slices/s), so a default of
+"all cores" would flatter the pipeline. ``--repeat R`` interleaves R rounds of (b), (c), (a)
+and reports each path's median-time round.
 
 What the timings include (printed with the results):
 - (a) ``run_scoring`` wall time: listing, reading, both actor pools' start-up and model loading
@@ -93,7 +101,7 @@ class MemorySampler:
         self.samples = 0
         self.gpu_peak_bytes: int | None = None
         self._gpu_handles: list = []
-        self._kinds: dict[int, str] = {}
+        self.peak_breakdown: list[tuple[str, int]] = []  # (process, RSS bytes) at the peak
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if gpu:
@@ -110,19 +118,21 @@ class MemorySampler:
     def available(self) -> bool:
         return self.psutil is not None
 
-    def _kind(self, proc, root_pid: int) -> str:
-        if proc.pid == root_pid:
-            return "driver"
-        kind = self._kinds.get(proc.pid)
-        if kind is None:
-            try:
-                cmd = proc.cmdline()
-            except Exception:
-                return "other"
-            first = cmd[0] if cmd else ""
-            kind = "workers" if first.startswith("ray::") or any("default_worker.py" in c for c in cmd) else "other"
-            self._kinds[proc.pid] = kind
-        return kind
+    @staticmethod
+    def _title(proc) -> str:
+        """A short name: 'ray::<actor or task>' for Ray workers, else the program's name."""
+        try:
+            cmd = proc.cmdline()
+        except Exception:
+            return "?"
+        if not cmd:
+            return "?"
+        if cmd[0].startswith("ray::"):
+            return cmd[0].split(" ")[0]
+        if any(c.endswith("default_worker.py") for c in cmd):
+            return "ray::(starting worker)"
+        scripts = [c for c in cmd[1:] if c.endswith(".py")]
+        return os.path.basename(scripts[0] if scripts else cmd[0])
 
     def sample(self) -> int:
         """One sample; returns the summed RSS in bytes."""
@@ -135,16 +145,21 @@ class MemorySampler:
             procs = [me]
         total = 0
         groups: dict[str, int] = {}
+        parts: list[tuple[str, int]] = []
         for proc in procs:
             try:
                 rss = proc.memory_info().rss
             except self.psutil.Error:
                 continue
             total += rss
-            kind = self._kind(proc, me.pid)
+            title = "driver" if proc.pid == me.pid else self._title(proc)
+            kind = "driver" if title == "driver" else ("workers" if title.startswith("ray::") else "other")
             groups[kind] = groups.get(kind, 0) + rss
+            parts.append((title, rss))
         self.samples += 1
-        self.peak_bytes = max(self.peak_bytes, total)
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+            self.peak_breakdown = sorted(parts, key=lambda p: -p[1])
         self.max_processes = max(self.max_processes, len(procs))
         for kind, value in groups.items():
             self.group_peaks[kind] = max(self.group_peaks.get(kind, 0), value)
@@ -306,6 +321,7 @@ class Measurement:
     peak_rss_mb: float = float("nan")
     baseline_rss_mb: float = float("nan")
     group_peaks_mb: dict[str, float] = field(default_factory=dict)
+    peak_processes: list = field(default_factory=list)  # [(process, RSS MB)] at the peak
     max_processes: int = 0
     memory_samples: int = 0
     gpu_peak_mb: float | None = None
@@ -317,6 +333,11 @@ class Measurement:
     max_scorer_batch: int | None = None
     torch_threads: int | None = None
     load_avg_1m: float | None = None  # the machine's 1-minute load average at the end of the run
+    # (a): seconds of the warm-up run on one study in the same Ray runtime (~ the per-run start-up)
+    warmup_run_s: float | None = None
+    repeats: int = 1  # rounds aggregated into this row
+    seconds_min: float | None = None
+    seconds_max: float | None = None
 
     @property
     def studies_per_s(self) -> float:
@@ -336,6 +357,7 @@ def _memory_fields(sampler: MemorySampler) -> dict[str, Any]:
         "peak_rss_mb": sampler.peak_mb if sampler.available else float("nan"),
         "baseline_rss_mb": sampler.baseline_mb if sampler.available else float("nan"),
         "group_peaks_mb": {k: v / 2**20 for k, v in sampler.group_peaks.items()},
+        "peak_processes": [(t, round(v / 2**20, 1)) for t, v in sampler.peak_breakdown],
         "max_processes": sampler.max_processes,
         "memory_samples": sampler.samples,
         "gpu_peak_mb": None if sampler.gpu_peak_bytes is None else sampler.gpu_peak_bytes / 2**20,
@@ -366,6 +388,26 @@ def marginal_rate(results: list[Measurement], path: str, n_small: int, n_big: in
     return (big.n_scored - small.n_scored) / (big.seconds - small.seconds)
 
 
+def aggregate(runs: list[Measurement]) -> list[Measurement]:
+    """One row per (path, n): the round with the median time (the lower middle one for an even
+    count), with the highest memory peak of all rounds and the time spread."""
+    groups: dict[tuple[str, int], list[Measurement]] = {}
+    for m in runs:
+        groups.setdefault((m.path, m.n), []).append(m)
+    out = []
+    for (path, n), group in groups.items():
+        ordered = sorted(group, key=lambda m: m.seconds)
+        median = ordered[(len(ordered) - 1) // 2]
+        peak = max(group, key=lambda m: m.peak_rss_mb if np.isfinite(m.peak_rss_mb) else -1.0)
+        gpu = [m.gpu_peak_mb for m in group if m.gpu_peak_mb is not None]
+        out.append(dataclasses.replace(
+            median, repeats=len(group), seconds_min=ordered[0].seconds, seconds_max=ordered[-1].seconds,
+            peak_rss_mb=peak.peak_rss_mb, group_peaks_mb=peak.group_peaks_mb, peak_processes=peak.peak_processes,
+            max_processes=max(m.max_processes for m in group), gpu_peak_mb=max(gpu) if gpu else None,
+            load_avg_1m=max((m.load_avg_1m for m in group if m.load_avg_1m is not None), default=None)))
+    return sorted(out, key=lambda m: (PATHS.index(m.path), m.n))
+
+
 @dataclass
 class Verdict:
     name: str
@@ -386,22 +428,29 @@ def verdicts(results: list[Measurement], n_small: int, n_big: int) -> list[Verdi
         why = ""
         if ab < TARGET_A_OVER_B:
             if np.isfinite(batching) and batching < TARGET_A_OVER_B:
-                why = (f"batching alone buys only c/b = {batching:.2f}x over the per-slice loop on this device, so "
-                       f"even a pipeline at the detector ceiling stays under a/b = {TARGET_A_OVER_B:g} unless it "
-                       f"has more hardware to spread over than one process uses")
+                why = (f"batching alone buys only c/b = {batching:.2f}x over the per-slice loop on this device, so a "
+                       f"pipeline at the detector ceiling (a = c) stays under a/b = {TARGET_A_OVER_B:g}; only more "
+                       f"hardware (more detector actors/GPUs than the loop uses) closes that gap")
             else:
                 why = f"the detectors batched are {batching:.2f}x the paper loop, but the pipeline is far below them (see a/c)"
-        out.append(Verdict(f"a/b >= {TARGET_A_OVER_B:g} at {n_big} studies", f"{ab:.2f}", ab >= TARGET_A_OVER_B, why))
+        out.append(Verdict(f"a/b >= {TARGET_A_OVER_B:g} at {n_big} studies", f"{ab:.3f}", ab >= TARGET_A_OVER_B, why))
     else:
         out.append(Verdict(f"a/b >= {TARGET_A_OVER_B:g}", "n/a", None, "not measured"))
     if np.isfinite(ac):
         why = ""
         if ac < TARGET_A_OVER_C:
+            ma, mc = _find(results, "a", n_big), _find(results, "c", n_big)
             fixed = _fixed_cost(results, "a", n_big, a_marg)
-            why = (f"(a) carries a fixed per-run cost of ~{fixed:.0f} s (actor start-up, model loading, Ray Data "
-                   f"planning) that {n_big} studies do not amortise; marginal a/c = {_ratio(a_marg, c_marg):.2f}"
-                   if np.isfinite(fixed) else "")
-        out.append(Verdict(f"a/c >= {TARGET_A_OVER_C:g} at {n_big} studies", f"{ac:.2f}", ac >= TARGET_A_OVER_C, why))
+            why = f"(a) took {ma.seconds:.0f} s where the detectors alone took {mc.seconds:.0f} s"
+            if np.isfinite(fixed):
+                why += (f"; (a) carries a fixed per-run cost of ~{fixed:.0f} s (actor start-up, torch import, model "
+                        f"loading, Ray Data planning) that {n_big} studies do not amortise; past it, marginal a/c = "
+                        f"{_ratio(a_marg, c_marg):.2f}")
+            else:
+                why += "; the per-run start-up (actors importing torch and loading models) is not amortised"
+            if ma.warmup_run_s:
+                why += f"; a run on one study takes {ma.warmup_run_s:.0f} s"
+        out.append(Verdict(f"a/c >= {TARGET_A_OVER_C:g} at {n_big} studies", f"{ac:.3f}", ac >= TARGET_A_OVER_C, why))
     else:
         out.append(Verdict(f"a/c >= {TARGET_A_OVER_C:g}", "n/a", None, "not measured"))
     for path in ("a", "b"):
@@ -431,8 +480,9 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-def markdown_table(results: list[Measurement], n_small: int, n_big: int) -> str:
-    """The results as a markdown table (one row per path and size) plus the targets."""
+def markdown_table(results: list[Measurement], n_small: int, n_big: int, caption: str = "") -> str:
+    """The results as a markdown table (one row per path and size) plus the targets; ``caption``
+    (machine, command) goes under it."""
     lines = ["| path | studies | seconds | studies/s | vs (b) | vs (c) | peak RSS (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     gpu = any(m.gpu_peak_mb is not None for m in results)
@@ -440,13 +490,14 @@ def markdown_table(results: list[Measurement], n_small: int, n_big: int) -> str:
         lines[0] += " peak GPU (MB) |"
         lines[1] += "---:|"
     for path in PATHS:
-        for n in (n_small, n_big):
+        for n in sorted({n_small, n_big}):
             m = _find(results, path, n)
             if m is None:
                 continue
             b, c = _rate(results, "b", n), _rate(results, "c", n)
+            spread = f" ({m.seconds_min:.1f}..{m.seconds_max:.1f})" if m.repeats > 1 else ""
             row = (f"| {PATH_NAMES[path]} | {m.n_scored}{'' if not m.n_failed else f' (+{m.n_failed} failed)'} | "
-                   f"{m.seconds:.1f} | {m.studies_per_s:.2f} | {_fmt(_ratio(m.studies_per_s, b))} | "
+                   f"{m.seconds:.1f}{spread} | {m.studies_per_s:.2f} | {_fmt(_ratio(m.studies_per_s, b))} | "
                    f"{_fmt(_ratio(m.studies_per_s, c))} | {_fmt(m.peak_rss_mb, 0)} |")
             if gpu:
                 row += f" {_fmt(m.gpu_peak_mb, 0)} |"
@@ -456,6 +507,8 @@ def markdown_table(results: list[Measurement], n_small: int, n_big: int) -> str:
     lines.append("|---|---|---|")
     for v in verdicts(results, n_small, n_big):
         lines.append(f"| {v.name} | {v.measured} | {'n/a' if v.met is None else ('yes' if v.met else '**no**')} |")
+    if caption:
+        lines += ["", caption]
     return "\n".join(lines)
 
 
@@ -492,11 +545,14 @@ def phase_build_registry(workdir: str, registry: str, imgsz: int, seed: int, num
 
 
 def phase_in_process(path: str, models: str, root: str, split: str, id_sets: list[list[str]], device: str,
-                     slice_batch: int, interval_s: float, scratch: str) -> list[dict]:
+                     slice_batch: int, interval_s: float, scratch: str, threads: int | None = None) -> list[dict]:
     """(b) or (c) for each id set, in this (fresh) process; models loaded and one study warmed
     up before any timing."""
     _phase_setup()
     import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
 
     from lumbar_ray import scoring
     from lumbar_ray.dicom_io import load_descriptions, read_study
@@ -555,6 +611,7 @@ def phase_pipeline(score_kwargs: dict, id_sets: list[list[str]], address: str | 
 
     gpu = bool(num_gpus)
     out = []
+    warmup_s = None
     with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -567,11 +624,28 @@ def phase_pipeline(score_kwargs: dict, id_sets: list[list[str]], address: str | 
                 summary = run_scoring(cfg, echo=lambda m: None)
                 seconds = time.perf_counter() - t0
             shutil.rmtree(dest, ignore_errors=True)
+            _wait_for_actor_exit()
             if tag == "warmup":
+                warmup_s = seconds
                 continue
-            m = Measurement("a", len(ids), seconds, summary.n_scored, summary.n_failed, **_memory_fields(mem))
+            m = Measurement("a", len(ids), seconds, summary.n_scored, summary.n_failed, **_memory_fields(mem),
+                            warmup_run_s=warmup_s)
             out.append(dataclasses.asdict(m))
     return out
+
+
+def _wait_for_actor_exit(timeout_s: float = 30.0) -> None:
+    """Ray Data ends a run's actors asynchronously: wait until their processes are gone, so one
+    run's actors never count in the next run's memory."""
+    psutil = _psutil()
+    if psutil is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        titles = [MemorySampler._title(p) for p in psutil.Process().children(recursive=True)]
+        if not any(t.startswith("ray::MapWorker") for t in titles):
+            return
+        time.sleep(0.25)
 
 
 def _fresh_process(fn_name: str, *args, isolate: bool = True, **kwargs):
@@ -618,6 +692,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="where synthetic data and the built registry are kept for reuse (scores go to temp dirs)")
     p.add_argument("--synth-workers", type=int, default=None, help="processes for synthesis (default: CPUs)")
     p.add_argument("--paths", default="a,b,c", help="which of a,b,c to run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of (b) and (c) (default: the CPUs the pipeline gives its detector actors, "
+                        "detector-pool x detector-cpus, at most the machine's CPUs)")
     p.add_argument("--device", default=None, help="torch device of (b) and (c) (default: cuda with --num-gpus > 0, else cpu)")
     g = p.add_argument_group("Ray resources of (a) (default: a local runtime on this machine)")
     g.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local runtime)")
@@ -634,6 +711,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--scorer-batch-studies", type=int, default=d.scorer_batch_studies)
     g.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward, (a) and (c)")
     g.add_argument("--flush-studies", type=int, default=d.flush_studies)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of (b), (c), (a), interleaved; the table shows each path's median-time round and "
+                        "the highest memory peak of all rounds")
     p.add_argument("--interval", type=float, default=0.2, help="memory sampling interval, seconds")
     p.add_argument("--json", default=None, help="also write the measurements as JSON here")
     p.add_argument("--markdown", default=None, help="also write the markdown table here")
@@ -746,63 +826,91 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - set(PATHS):
         raise SystemExit(f"--paths: choose from {','.join(PATHS)}")
-    if args.n < 1 or args.scale < 1:
-        raise SystemExit("--n and --scale must be >= 1")
+    if args.n < 1 or args.scale < 1 or args.repeat < 1:
+        raise SystemExit("--n, --scale and --repeat must be >= 1")
     n_small, n_big = args.n, args.n * args.scale
     device = args.device or ("cuda" if args.num_gpus else "cpu")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     command = "python -m lumbar_ray.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
+    threads = args.threads
+    if threads is None:
+        kw_probe = _score_kwargs(args, "", "")
+        threads = max(1, min(os.cpu_count() or 1, round(kw_probe["detector_pool"] * kw_probe["detector_cpus"])))
     root, ids = _prepare_data(args, n_big, echo)
     models = _prepare_models(args, echo)
     id_sets = [ids[:n_small], ids[:n_big]] if n_big > n_small else [ids[:n_small]]
     warmed = _warm_page_cache(root, args.split, ids)
     echo(f"[bench] page cache warmed with {warmed / 2**20:.0f} MB of DICOM; models {models}")
 
-    results: list[Measurement] = []
+    runs: list[Measurement] = []
     scratch = tempfile.mkdtemp(prefix="lumbar-ray-bench-")
+    kw = _score_kwargs(args, root, models)
     try:
-        for path in ("b", "c"):
-            if path in paths:
-                echo(f"[bench] {PATH_NAMES[path]}: {', '.join(str(len(s)) for s in id_sets)} studies on {device} ...")
+        # Rounds interleave the paths, so a change in the machine's load hits all of them alike.
+        for rnd in range(args.repeat):
+            tag = f" (round {rnd + 1}/{args.repeat})" if args.repeat > 1 else ""
+            for path in ("b", "c"):
+                if path not in paths:
+                    continue
+                echo(f"[bench] {PATH_NAMES[path]}{tag}: {', '.join(str(len(s)) for s in id_sets)} studies on "
+                     f"{device}, {threads} torch thread(s) ...")
                 raw = _fresh_process("phase_in_process", path, models, root, args.split, id_sets, device,
-                                     args.slice_batch, args.interval, scratch, isolate=not args.no_isolate)
-                results += [Measurement(**r) for r in raw]
-                for m in results[-len(raw):]:
+                                     args.slice_batch, args.interval, scratch, threads, isolate=not args.no_isolate)
+                for m in (Measurement(**r) for r in raw):
+                    runs.append(m)
                     echo(f"[bench]   {m.n_scored} studies in {m.seconds:.1f} s = {m.studies_per_s:.2f} studies/s, "
                          f"peak RSS {m.peak_rss_mb:.0f} MB ({m.slices} slices in {m.detector_calls} detector calls, "
-                         f"{m.crops} crops in {m.scorer_calls} scorer calls)")
-        if "a" in paths:
-            kw = _score_kwargs(args, root, models)
-            echo(f"[bench] {PATH_NAMES['a']}: {', '.join(str(len(s)) for s in id_sets)} studies; "
-                 f"{json.dumps({k: v for k, v in kw.items() if k not in ('input', 'models', 'split')})} ...")
-            raw = _fresh_process("phase_pipeline", kw, id_sets, args.address, args.num_cpus, args.num_gpus or None,
-                                 args.interval, scratch, isolate=not args.no_isolate)
-            results += [Measurement(**r) for r in raw]
-            for m in results[-len(raw):]:
-                echo(f"[bench]   {m.n_scored} studies in {m.seconds:.1f} s = {m.studies_per_s:.2f} studies/s, "
-                     f"peak RSS {m.peak_rss_mb:.0f} MB over up to {m.max_processes} processes "
-                     f"({', '.join(f'{k} {v:.0f}' for k, v in sorted(m.group_peaks_mb.items()))} MB)")
+                         f"{m.crops} crops in {m.scorer_calls} scorer calls; load {_fmt(m.load_avg_1m, 1)})")
+            if "a" in paths:
+                echo(f"[bench] {PATH_NAMES['a']}{tag}: {', '.join(str(len(s)) for s in id_sets)} studies; "
+                     f"{json.dumps({k: v for k, v in kw.items() if k not in ('input', 'models', 'split')})} ...")
+                raw = _fresh_process("phase_pipeline", kw, id_sets, args.address, args.num_cpus,
+                                     args.num_gpus or None, args.interval, scratch, isolate=not args.no_isolate)
+                for m in (Measurement(**r) for r in raw):
+                    runs.append(m)
+                    echo(f"[bench]   {m.n_scored} studies in {m.seconds:.1f} s = {m.studies_per_s:.2f} studies/s, "
+                         f"peak RSS {m.peak_rss_mb:.0f} MB over up to {m.max_processes} processes "
+                         f"({', '.join(f'{k} {v:.0f}' for k, v in sorted(m.group_peaks_mb.items()))} MB; "
+                         f"load {_fmt(m.load_avg_1m, 1)})")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    results = aggregate(runs)
 
     env = environment()
-    report = render_report(results, n_small, n_big, args, env, command, device, models)
+    caption = table_caption(results, args, env, command, device, threads)
+    report = render_report(results, n_small, n_big, args, env, command, device, models, caption)
     echo(report)
-    table = markdown_table(results, n_small, n_big)
+    table = markdown_table(results, n_small, n_big, caption)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": command, "environment": env, "models": models, "data": root,
             "measurements": [dataclasses.asdict(m) | {"studies_per_s": m.studies_per_s} for m in results],
+            "runs": [dataclasses.asdict(m) | {"studies_per_s": m.studies_per_s} for m in runs],
             "verdicts": [dataclasses.asdict(v) for v in verdicts(results, n_small, n_big)],
         }, indent=2, default=str))
     return 0
 
 
+def table_caption(results: list[Measurement], args: argparse.Namespace, env: dict, command: str, device: str,
+                  threads: int) -> str:
+    """One line under the table: what was measured, where, and the exact command."""
+    b = next((m for m in results if m.path == "b" and m.slices), None)
+    shape = f", {b.slices / max(b.n_scored, 1):.0f} slices per study" if b else ""
+    kw = _score_kwargs(args, "", "")
+    hw = f"{env['cpus']} CPUs ({env['cpu_model']})" + (f", {env['gpu']}" if env.get("gpu") else "")
+    return (f"_{args.size} synthetic studies{shape}; {hw}; torch {env['torch']}, ray {env['ray']}; (b)/(c) on "
+            f"{device} with {threads} torch thread(s); (a) {kw['detector_pool']} detector actor(s) x "
+            f"{kw['detector_cpus']:g} CPU / {kw['detector_gpus']:g} GPU, {kw['scorer_pool']} scorer actor(s) x "
+            f"{kw['scorer_cpus']:g} CPU / {kw['scorer_gpus']:g} GPU, slice batch {kw['slice_batch']}"
+            f"{f'; median of {args.repeat} interleaved rounds' if args.repeat > 1 else ''}. "
+            f"Command: `{command}`_")
+
+
 def render_report(results: list[Measurement], n_small: int, n_big: int, args: argparse.Namespace, env: dict,
-                  command: str, device: str, models: str) -> str:
+                  command: str, device: str, models: str, caption: str = "") -> str:
     lines = ["", "=" * 100, "lumbar-ray benchmark", "=" * 100]
     lines.append(f"machine: {env['cpus']} CPUs ({env['cpu_model']}){', GPU ' + env['gpu'] if env.get('gpu') else ''}; "
                  f"python {env['python']}, torch {env['torch']}, ray {env['ray']}, psutil {env['psutil']}")
@@ -818,7 +926,16 @@ def render_report(results: list[Measurement], n_small: int, n_big: int, args: ar
                  "(ray.init and one warm-up run excluded); (b) reading + per-slice detection + per-crop grading + "
                  "rows + one Parquet (model loading and a warm-up study excluded); (c) detect_series on preloaded "
                  "volumes (normalise, letterbox, forward, NMS). Memory: peak summed RSS of the phase's process tree "
-                 "(fresh process per path; (a) includes Ray's own processes and actors).")
+                 "(fresh process per path; (a) includes Ray's own processes and actors; shared library pages count "
+                 "once per process). Ray gives each actor as many torch threads as CPUs it requests (at least 1).")
+    a_big = _find(results, "a", n_big)
+    if a_big is not None and a_big.peak_processes:
+        counts: dict[str, list[float]] = {}
+        for title, mb in a_big.peak_processes:
+            counts.setdefault(title, []).append(mb)
+        top = sorted(counts.items(), key=lambda kv: -sum(kv[1]))[:6]
+        lines.append(f"(a) at its memory peak ({n_big} studies, {len(a_big.peak_processes)} processes): " + ", ".join(
+            f"{title}{f' x{len(v)}' if len(v) > 1 else ''} {sum(v):.0f} MB" for title, v in top))
     loads = [m.load_avg_1m for m in results if m.load_avg_1m is not None]
     if loads:
         busy = max(loads) > 1.5 * (env["cpus"] or 1)
@@ -830,12 +947,16 @@ def render_report(results: list[Measurement], n_small: int, n_big: int, args: ar
         if np.isfinite(rate):
             fixed = _fixed_cost(results, path, n_big, rate)
             lines.append(f"marginal rate {PATH_NAMES[path]}: {rate:.2f} studies/s (fixed cost per run ~{fixed:.1f} s)")
+    warm = [m.warmup_run_s for m in results if m.path == "a" and m.warmup_run_s]
+    if warm:
+        lines.append(f"(a) per-run start-up: a run on ONE study took {warm[0]:.1f} s (actor start-up, torch import, "
+                     f"model loading, Ray Data planning; the untimed warm-up run of the round)")
     a_m, b_m, c_m = (marginal_rate(results, p, n_small, n_big) for p in PATHS)
     if np.isfinite(a_m):
         lines.append(f"marginal a/b = {_fmt(_ratio(a_m, b_m))}, marginal a/c = {_fmt(_ratio(a_m, c_m))} "
                      f"(informative only: the targets below are judged end to end)")
     lines.append("")
-    lines.append(markdown_table(results, n_small, n_big))
+    lines.append(markdown_table(results, n_small, n_big, caption))
     lines.append("")
     for v in verdicts(results, n_small, n_big):
         state = "not measured" if v.met is None else ("MET" if v.met else "MISSED")
