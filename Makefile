@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.lumbar-ray-installed
 # Where the demo writes its synthetic data, models and outputs (ignored by git).
 DEMO_DIR ?= work/demo
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -31,7 +32,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m lumbar_ray.bench
+	$(BIN)/python -m lumbar_ray.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf work .pytest_cache

@@ -133,8 +133,10 @@ def test_killed_run_keeps_what_it_wrote_and_rerun_adds_no_duplicates(synthetic_r
     cmd = [sys.executable, str(REPO / "jobs" / "score.py"), "--input", str(synthetic_root), "--models",
            str(trained.registry), "--out", str(out), "--split", "test", "--flush-studies", "1", "--scorer-batch-studies", "1", "--num-cpus", "2"]
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "score.log"
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log_file,
+                            stderr=subprocess.STDOUT)
     killed = False
     try:
         deadline = time.time() + 300
@@ -148,8 +150,10 @@ def test_killed_run_keeps_what_it_wrote_and_rerun_adds_no_duplicates(synthetic_r
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        log_file.close()
     ids = _test_ids(synthetic_root)
-    assert killed, "the run finished before it could be killed"
+    assert killed, ("the run ended (rc %s) before it could be killed:\n%s"
+                    % (proc.returncode, log_path.read_text(errors="replace")[-4000:]))
     before = read_predictions(str(out))
     n_before = before["study_id"].nunique()
     assert 1 <= n_before < len(ids), f"{n_before} of {len(ids)} studies were written before the kill"
