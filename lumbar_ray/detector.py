@@ -331,6 +331,17 @@ def _series_slices_for_labels(series, rows) -> list[tuple[int, list[Target], np.
     return out
 
 
+def _coords_on_series(coords, series, series_type: str):
+    """Rows of ``coords`` on this series (when the columns exist) for conditions read on its type."""
+    wanted = {t.condition.name for t in targets_for_series(series_type)}
+    rows = coords
+    if "series_id" in rows.columns:
+        rows = rows[rows["series_id"].astype(np.int64) == int(series.series_id)]
+    if "study_id" in rows.columns:
+        rows = rows[rows["study_id"].astype(np.int64) == int(series.study_id)]
+    return rows[rows["condition"].isin(wanted)]
+
+
 def samples_from_series(
     series, coords, series_type: str | None = None, *, negatives: int = 0, negative_gap: int = 2
 ) -> list[DetectorSample]:
@@ -345,13 +356,7 @@ def samples_from_series(
     (they show nearly the same anatomy as the labelled one).
     """
     series_type = series_type or series.series_type
-    wanted = {t.condition.name for t in targets_for_series(series_type)}
-    rows = coords
-    if "series_id" in rows.columns:
-        rows = rows[rows["series_id"].astype(np.int64) == int(series.series_id)]
-    if "study_id" in rows.columns:
-        rows = rows[rows["study_id"].astype(np.int64) == int(series.study_id)]
-    rows = rows[rows["condition"].isin(wanted)]
+    rows = _coords_on_series(coords, series, series_type)
     if rows.empty:
         return []
     vol01 = normalize_volume(series.volume)
@@ -1082,13 +1087,7 @@ def detector_hit_rates(
     tols = tuple(float(t) for t in tolerances_mm)
     res = HitRates(tols, hits={t: 0 for t in tols})
     series_type = series.series_type
-    wanted = {t.condition.name for t in targets_for_series(series_type)}
-    rows = coords
-    if "series_id" in rows.columns:
-        rows = rows[rows["series_id"].astype(np.int64) == int(series.series_id)]
-    if "study_id" in rows.columns:
-        rows = rows[rows["study_id"].astype(np.int64) == int(series.study_id)]
-    rows = rows[rows["condition"].isin(wanted)]
+    rows = _coords_on_series(coords, series, series_type)
     if slice_tolerance_mm is None:
         slice_tolerance_mm = _slice_spacing(series) * 1.01 if series_type == AXIAL_T2 else 0.0
     normal = _slice_normal(series)

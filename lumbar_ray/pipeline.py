@@ -167,7 +167,8 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
     return ds
 
 
-def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], int, pd.DataFrame | None]:
+def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], int, int, pd.DataFrame | None]:
+    """(studies to score now, studies listed, studies already done for this version, descriptions)."""
     from lumbar_ray.dicom_io import list_studies
     from lumbar_ray.dicom_io import load_descriptions
     from lumbar_ray.outputs import scored_studies
@@ -175,9 +176,10 @@ def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], i
     listed = [str(s) for s in (cfg.study_ids or list_studies(cfg.input, split=cfg.split))]
     done = scored_studies(cfg.out, model_version, include_errors=not cfg.retry_errors)
     todo = [s for s in listed if s not in done]
+    n_done = len(listed) - len(todo)
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
-    return todo, len(listed), load_descriptions(cfg.input, cfg.split)
+    return todo, len(listed), n_done, load_descriptions(cfg.input, cfg.split)
 
 
 def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> ScoreSummary:
@@ -194,9 +196,9 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     # Pin the version so every actor loads the same one even if the champion moves meanwhile.
     cfg = _with(cfg, models=f"{root}@{model_version}")
     run_id = cfg.run_id or time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    todo, n_listed, descriptions = studies_to_score(cfg, model_version)
-    echo(f"[score] {n_listed} studies listed, {n_listed - len(todo) if cfg.limit is None else n_listed - len(todo)} "
-         f"already scored by {model_version} or left for later; scoring {len(todo)} (run {run_id})")
+    todo, n_listed, n_done, descriptions = studies_to_score(cfg, model_version)
+    echo(f"[score] {n_listed} studies listed, {n_done} already scored by {model_version}; "
+         f"scoring {len(todo)} (run {run_id})")
     writer = OutputWriter(cfg.out, run_id, model_version)
     started = time.time()
     n_scored = n_with_errors = n_failed = rows = 0
@@ -233,7 +235,7 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
         flush()
     writer.close()
     seconds = time.time() - started
-    summary = ScoreSummary(run_id, model_version, n_listed, n_listed - len(todo), n_scored, n_with_errors, n_failed,
+    summary = ScoreSummary(run_id, model_version, n_listed, n_done, n_scored, n_with_errors, n_failed,
                            seconds, rows)
     echo(f"[score] done: {n_scored} scored ({n_with_errors} with recorded problems), {n_failed} failed, "
          f"{rows} prediction rows in {seconds:.1f} s -> {cfg.out}")

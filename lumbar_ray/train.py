@@ -245,9 +245,6 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-WORKER_LOOPS: dict[str, Callable[[dict], None]] = {}
-
-
 def worker_loop_for(job: str) -> Callable[[dict], None]:
     if job == SCORER:
         return scorer_worker_loop
