@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.lumbar-ray-installed
 DEMO_DIR ?= work/demo
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BENCH_NODES_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-nodes clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m lumbar_ray.bench $(BENCH_ARGS)
+
+# Scoring throughput on 1 .. K Ray nodes (a private multi-node cluster on this machine).
+bench-nodes: setup
+	$(BIN)/python -m lumbar_ray.bench_nodes $(BENCH_NODES_ARGS)
 
 clean:
 	rm -rf work .pytest_cache

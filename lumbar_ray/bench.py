@@ -634,6 +634,13 @@ def phase_pipeline(score_kwargs: dict, id_sets: list[list[str]], address: str | 
     return out
 
 
+def phase_nodes_entry(*args, **kwargs) -> dict:
+    """:func:`lumbar_ray.bench_nodes.phase_nodes`, reachable by :func:`_fresh_process`."""
+    from lumbar_ray.bench_nodes import phase_nodes
+
+    return phase_nodes(*args, **kwargs)
+
+
 def _wait_for_actor_exit(timeout_s: float = 30.0) -> None:
     """Ray Data ends a run's actors asynchronously: wait until their processes are gone, so one
     run's actors never count in the next run's memory."""

@@ -51,6 +51,14 @@ class DetectorConfig:
     box_mm: float | None = None
     series_types: tuple[str, ...] = SERIES_TYPES
     conf: float = 0.01
+    # Linear learning-rate warm-up (epochs); one epoch was too short for the few hundred
+    # steps of a small set: the loss jumped after it and one CV fold never recovered.
+    warmup_epochs: float = 3.0
+    # Unlabelled slices per labelled series trained on as negatives (no boxes), the ones
+    # `negative_gap` slices from a labelled one first (see detector.samples_from_series;
+    # None: detector.DEFAULT_NEGATIVE_GAP of the series type).
+    negatives: int = 2
+    negative_gap: int | None = None
 
 
 @dataclass

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_BOX_MM",
+    "DEFAULT_NEGATIVE_GAP",
     "DEFAULT_MODEL_YAML",
     "AugmentConfig",
     "Detection",
@@ -91,6 +92,10 @@ DEFAULT_MODEL_YAML = "yolov8n.yaml"
 DEFAULT_IMGSZ = 256
 # Side of the square training box per series type, in millimetres (about one disc level high).
 DEFAULT_BOX_MM: dict[str, float] = {SAGITTAL_T1: 20.0, SAGITTAL_T2: 20.0, AXIAL_T2: 20.0}
+# Training negatives start this many slices from a labelled one: sagittal neighbours are the wrong
+# instance (the canal and each foramen have one labelled slice), while an axial neighbour still
+# shows the labelled level (detector_hit_rates accepts it), so axial negatives start two away.
+DEFAULT_NEGATIVE_GAP: dict[str, int] = {SAGITTAL_T1: 1, SAGITTAL_T2: 1, AXIAL_T2: 2}
 CHECKPOINT_FORMAT = "lumbar-ray-detector/1"
 
 
@@ -349,11 +354,12 @@ def samples_from_series(
 
     ``coords``: rows of train_label_coordinates.csv (any superset; filtered here to this series
     and to conditions read on ``series_type``, default ``series.series_type``).
-    ``negatives``: also keep up to this many unlabelled slices (no boxes), evenly spread over the
-    slices at least ``negative_gap`` slices away from every labelled one: they teach the detector
-    that off-target slices (e.g. lateral sagittal slices for the canal) hold no target, which is
-    what picking a slice over the whole series relies on. Neighbouring slices are never used
-    (they show nearly the same anatomy as the labelled one).
+    ``negatives``: also keep up to this many unlabelled slices (no boxes), at least
+    ``negative_gap`` slices away from every labelled one: first the slices exactly
+    ``negative_gap`` away (the hardest negatives: with ``negative_gap=1`` the neighbours of the
+    labelled slice, which teach the canal detector that the mid-sagittal slice, not the one
+    beside it, carries the target), then evenly spread over the rest. They teach the detector
+    that off-target slices hold no target, which picking a slice over the whole series relies on.
     """
     series_type = series_type or series.series_type
     rows = _coords_on_series(coords, series, series_type)
@@ -377,10 +383,14 @@ def samples_from_series(
         )
     if negatives > 0 and labelled:
         ks = np.array([k for k, _, _ in labelled])
-        free = [k for k in range(vol01.shape[0]) if np.abs(ks - k).min() >= max(1, negative_gap)]
-        if free:
-            picks = sorted({free[int(round(i))] for i in np.linspace(0, len(free) - 1, min(negatives, len(free)))})
-            for k in picks:
+        gap = max(1, negative_gap)
+        free = [k for k in range(vol01.shape[0]) if np.abs(ks - k).min() >= gap]
+        hardest = [k for k in free if np.abs(ks - k).min() == gap][:negatives]
+        rest = [k for k in free if k not in hardest]
+        n_rest = min(negatives - len(hardest), len(rest))
+        spread = {rest[int(round(i))] for i in np.linspace(0, len(rest) - 1, n_rest)} if n_rest > 0 else set()
+        if hardest or spread:
+            for k in sorted({*hardest, *spread}):
                 samples.append(
                     DetectorSample(
                         study_id=int(series.study_id),
@@ -948,9 +958,17 @@ def select_target_detections(
     - ``"slice"`` (Sagittal T2/STIR, the canal): one slice for all levels — the slice with the
       largest sum over classes of each class's best confidence on it (the mid-sagittal slice
       shows every level); each level takes its best detection on that slice, and a level
-      absent there falls back to its most confident detection anywhere. On synthetic studies
-      this put 66% of levels on the labelled instance against 52% for ``"max"`` (the misses
-      are almost all the neighbouring slice).
+      absent there falls back to its most confident detection anywhere.
+    - ``"centroid"``: one slice for all levels, the one nearest the confidence-weighted mean
+      position (along the slice normal, from ``series``; slice index without it) of every
+      class's best detection on every slice; each level takes its detection on that slice,
+      or else on the nearest slice that has one. It suits a detector that cannot tell the
+      mid-sagittal slice from its neighbours (trained without neighbouring negatives).
+
+      Measured out of fold on synthetic studies (share of canal levels on the labelled
+      instance): trained without negatives, "max" 61%, "slice" 66%, "centroid" 86%; trained
+      with the two neighbouring slices as negatives (the default), 60 epochs: "max" 95.3%,
+      "slice" 95.6%, "centroid" 94.0% — hence "slice" by default.
     - Sagittal T1 with ``series`` given: a single sagittal slice does not show which side it
       is on, so the left/right classes of a level are pooled and the side comes from geometry
       — the left target takes the most confident detection of either side's class at that level
@@ -962,7 +980,7 @@ def select_target_detections(
     targets = targets_for_series(series_type)
     if rule == "auto":
         rule = "slice" if series_type == SAGITTAL_T2 else "max"
-    if rule not in ("max", "slice"):
+    if rule not in ("max", "slice", "centroid"):
         raise ValueError(f"unknown rule {rule!r}")
     cands = [d for d in detections if d.confidence > min_conf]
     out: dict[int, Detection | None] = {}
@@ -987,12 +1005,33 @@ def select_target_detections(
         if cur is None or d.confidence > cur.confidence:
             on_slice[d.class_id] = d
     chosen: dict[int, Detection] = {}
+    if rule == "centroid" and by_slice:
+        along = _positions_along_normal(series, max(by_slice) + 1)
+        weights = [(d.confidence, along[k]) for k, on_slice in by_slice.items() for d in on_slice.values()]
+        total = sum(w for w, _ in weights)
+        mid = sum(w * a for w, a in weights) / total if total > 0 else float(np.mean([a for _, a in weights]))
+        k_mid = int(np.argmin(np.abs(along - mid)))
+        for t in targets:
+            on = [k for k, on_slice in by_slice.items() if t.detector_class_id in on_slice]
+            if on:
+                k = min(on, key=lambda k: (abs(along[k] - along[k_mid]), k))
+                out[t.index] = by_slice[k][t.detector_class_id]
+            else:
+                out[t.index] = None
+        return out
     if rule == "slice" and by_slice:
         k = max(sorted(by_slice), key=lambda k: sum(d.confidence for d in by_slice[k].values()))
         chosen = by_slice[k]
     for t in targets:
         out[t.index] = chosen.get(t.detector_class_id) or by_class.get(t.detector_class_id)
     return out
+
+
+def _positions_along_normal(series, n_min: int) -> np.ndarray:
+    """Each slice's position (mm) along the stack normal; slice indices when no series is given."""
+    if series is None:
+        return np.arange(n_min, dtype=np.float64)
+    return np.asarray(series.positions, dtype=np.float64) @ _slice_normal(series)
 
 
 def _with_class(d: Detection, class_id: int) -> Detection:

@@ -114,7 +114,7 @@ def detector_worker_loop(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     optimizer = make_optimizer(unwrap_model(model), lr=dc.lr)
     steps_per_epoch = max(1, len(loader))
-    scheduler = make_scheduler(optimizer, dc.epochs * steps_per_epoch, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, dc.epochs * steps_per_epoch, int(dc.warmup_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     start_epoch, history = 0, []
     resumed = _load_resume_state()

@@ -42,6 +42,7 @@ __all__ = [
     "listdir",
     "glob",
     "read_csv",
+    "ray_storage",
 ]
 
 # Looked up in this order; the first one set wins.
@@ -241,3 +242,20 @@ def ray_remote_args_with_storage_env(**remote_args: Any) -> dict[str, Any]:
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
         remote_args["runtime_env"] = runtime_env
     return remote_args
+
+
+def ray_storage(path_or_url: str | os.PathLike) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray Train/Tune's ``RunConfig``.
+
+    Local paths pass through (filesystem None: Ray picks its local one). For a URL, Ray would
+    build its own pyarrow filesystem from the URL alone and miss this module's settings (the
+    S3 endpoint of a non-AWS server), so it gets the same fsspec filesystem as everything else,
+    wrapped for pyarrow, and the path without the protocol.
+    """
+    text = _as_str(path_or_url)
+    if not is_url(text):
+        return text, None
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(text)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -55,7 +55,7 @@ class Examples:
 
 
 def _examples_for_chunk(root: str, split: str, chunk: list[int], points: pd.DataFrame, scorer_cfg: dict,
-                        with_slices: bool) -> list:
+                        with_slices: bool, negatives: int = 0, negative_gap: int | None = None) -> list:
     from lumbar_ray.config import ScorerConfig
     from lumbar_ray.dicom_io import load_descriptions
     from lumbar_ray.examples import study_examples
@@ -63,7 +63,8 @@ def _examples_for_chunk(root: str, split: str, chunk: list[int], points: pd.Data
     descriptions = load_descriptions(root, split)
     cfg = ScorerConfig(**scorer_cfg)
     return [study_examples(root, sid, points[points["study_id"] == sid], cfg, split=split,
-                           descriptions=descriptions, with_slices=with_slices) for sid in chunk]
+                           descriptions=descriptions, with_slices=with_slices, negatives=negatives,
+                           negative_gap=negative_gap) for sid in chunk]
 
 
 def prepare_examples(cfg: TrainConfig, points: pd.DataFrame, with_slices: bool) -> Examples:
@@ -77,7 +78,8 @@ def prepare_examples(cfg: TrainConfig, points: pd.DataFrame, with_slices: bool) 
 
     task = ray.remote(**ray_remote_args_with_storage_env(num_cpus=1))(_examples_for_chunk)
     refs = [task.remote(cfg.data, cfg.split, chunk, points[points["study_id"].isin(chunk)],
-                        dataclasses.asdict(cfg.scorer), with_slices) for chunk in chunks]
+                        dataclasses.asdict(cfg.scorer), with_slices, cfg.detector.negatives,
+                        cfg.detector.negative_gap) for chunk in chunks]
     per_study = [ex for part in ray.get(refs) for ex in part]
     crops = [ex.crops for ex in per_study if len(ex.crops)]
     frames = [ex.points for ex in per_study if len(ex.points)]
@@ -264,7 +266,7 @@ def fold_trial(config: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from lumbar_ray.storage import filesystem_for
+    from lumbar_ray.storage import filesystem_for, ray_storage
 
     job, fold = config["job"], config["fold"]
     res = config["resources"]
@@ -278,13 +280,15 @@ def fold_trial(config: dict) -> None:
     resources_per_worker = {"CPU": res["cpus_per_worker"]}
     if res["use_gpu"]:
         resources_per_worker["GPU"] = res["gpus_per_worker"]
+    storage_path, storage_filesystem = ray_storage(config["storage_path"])
     started = time.time()
     trainer = TorchTrainer(
         worker_loop_for(job),
         train_loop_config=worker_cfg,
         scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=res["use_gpu"],
                                      resources_per_worker=resources_per_worker),
-        run_config=RunConfig(name=f"{config['run_name']}-{job}-{fold_name}", storage_path=config["storage_path"],
+        run_config=RunConfig(name=f"{config['run_name']}-{job}-{fold_name}", storage_path=storage_path,
+                             storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=config["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -362,11 +366,15 @@ def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_na
     # The trial itself only waits on its TorchTrainer: it holds no CPU, so trials run concurrently
     # up to what the workers' resources allow.
     trainable = tune.with_resources(fold_trial, {"cpu": 0, "memory": res.trial_memory_mb * 1024 * 1024})
+    from lumbar_ray.storage import ray_storage
+
+    tune_path, tune_filesystem = ray_storage(storage_path)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=f"{run_name}-cv", storage_path=storage_path, verbose=0),
+        run_config=tune.RunConfig(name=f"{run_name}-cv", storage_path=tune_path, storage_filesystem=tune_filesystem,
+                                  verbose=0),
     )
     grid = tuner.fit()
     summaries, failures = [], []

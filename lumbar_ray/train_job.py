@@ -21,6 +21,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, help="comma list of detector series types (default: all three)")
     p.add_argument("--imgsz", type=int, default=DetectorConfig.imgsz, help="detector input size (px)")
     p.add_argument("--detector-batch-size", type=int, default=DetectorConfig.batch_size)
+    p.add_argument("--detector-negatives", type=int, default=DetectorConfig.negatives,
+                   help="unlabelled slices per labelled series trained on as negatives (0: none)")
     p.add_argument("--scorer-batch-size", type=int, default=ScorerConfig.batch_size)
     p.add_argument("--channels", choices=("repeat", "adjacent"), default=ScorerConfig.channels,
                    help="scorer crop channels: one slice repeated, or slices k-1,k,k+1 (2.5D)")
@@ -61,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         scorer=ScorerConfig(epochs=sc_epochs, batch_size=args.scorer_batch_size, channels=args.channels,
                             crop_mm=args.crop_mm),
         detector=DetectorConfig(epochs=det_epochs, batch_size=args.detector_batch_size, imgsz=args.imgsz,
-                                series_types=series),
+                                series_types=series, negatives=args.detector_negatives),
         resources=ResourceConfig(use_gpu=args.use_gpu, workers_per_trial=args.workers_per_trial,
                                  cpus_per_worker=args.cpus_per_worker,
                                  max_concurrent_trials=args.max_concurrent_trials),

@@ -215,3 +215,23 @@ def test_aggregate_takes_the_median_round_and_the_highest_peak():
     assert (c4.seconds, c4.repeats, c4.seconds_min, c4.seconds_max, c4.peak_rss_mb) == (4.0, 3, 3.0, 9.0, 1200)
     assert [m.n for m in rows] == [4, 40]
     assert "4.0 (3.0..9.0)" in bench.markdown_table(rows, 4, 40)
+
+
+def test_node_scaling_table_and_arguments():
+    from lumbar_ray import bench_nodes
+
+    rows = [
+        {"nodes": 1, "cpus": 1.0, "detector_pool": 1, "studies": 6, "seconds": 12.0, "studies_per_s": 0.5},
+        {"nodes": 2, "cpus": 2.0, "detector_pool": 2, "studies": 6, "seconds": 8.0, "studies_per_s": 0.75},
+        {"nodes": 2, "cpus": 2.0, "detector_pool": 2, "studies": 30, "seconds": 20.0, "studies_per_s": 1.5},
+    ]
+    table = bench_nodes.markdown_table(rows, "_caption_")
+    lines = table.splitlines()
+    assert lines[2] == "| 1 | 1 | 1 | 6 | 12.0 | 0.50 | 1.00 |"
+    assert lines[3] == "| 2 | 2 | 2 | 6 | 8.0 | 0.75 | 1.50 |"
+    assert lines[4].endswith("| 1.50 | - |")  # no 1-node run at 30 studies: no ratio invented
+    assert table.endswith("_caption_")
+    with pytest.raises(SystemExit, match="must fit one node"):
+        bench_nodes.main(bench_nodes.get_args_parser().parse_args(["--detector-cpus", "1", "--scorer-cpus", "0.5"]))
+    ports = bench_nodes._free_ports(4)
+    assert len(set(ports)) == 4

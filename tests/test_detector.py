@@ -237,6 +237,9 @@ def test_negative_slices_are_far_from_labelled_ones():
     neg = [s for s in samples if len(s.class_ids) == 0]
     assert len(samples) == 4 and len(neg) == 3
     assert all(abs(s.instance_number - 16) >= 2 for s in neg)
+    assert {14, 18} <= {s.instance_number for s in neg}  # the hardest first: exactly 2 slices away
+    hardest = D.samples_from_series(series, coords, negatives=2, negative_gap=1)
+    assert sorted(s.instance_number for s in hardest if len(s.class_ids) == 0) == [15, 17]
     ds = D.DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=64, augment=True)
     batch = D.collate_detector([ds[i] for i in range(len(ds))])
     assert batch["img"].shape[0] == 4 and batch["bboxes"].shape == (5, 4)
@@ -305,26 +308,52 @@ def test_detect_series_maps_to_original_pixels_and_selects():
         assert d.confidence == pytest.approx(p, abs=1e-6)
         assert d.instance_number == series.instance_numbers[d.slice_index]
         assert d.width == pytest.approx(10.0 / lb.scale, rel=1e-4)
-    sel = D.select_target_detections(dets, SAGITTAL_T2)
+    sel = D.select_target_detections(dets, SAGITTAL_T2, rule="max")
     targets = targets_for_series(SAGITTAL_T2)
     assert set(sel) == {t.index for t in targets}
     assert sel[targets[0].index].slice_index == 4  # most confident over slices
     assert sel[targets[1].index].slice_index == 4
     assert sel[targets[2].index].slice_index == 1
     assert sel[targets[3].index] is None and sel[targets[4].index] is None
-    assert D.select_target_detections(dets, SAGITTAL_T2, min_conf=0.5)[targets[2].index] is None
+    assert D.select_target_detections(dets, SAGITTAL_T2, rule="max", min_conf=0.5)[targets[2].index] is None
 
 
 def test_canal_selection_keeps_one_slice():
     t2 = targets_for_series(SAGITTAL_T2)
     dets = [D.Detection(c, 4, 15, 50.0, 10.0 + 20 * c, 0.7) for c in range(4)]  # mid slice, no class 4
     dets += [D.Detection(1, 2, 13, 50.0, 30.0, 0.9), D.Detection(4, 7, 18, 50.0, 90.0, 0.4)]
-    one_slice = D.select_target_detections(dets, SAGITTAL_T2)
+    one_slice = D.select_target_detections(dets, SAGITTAL_T2, rule="slice")
     assert [one_slice[t.index].slice_index for t in t2] == [4, 4, 4, 4, 7]  # class 4 falls back
+    assert D.select_target_detections(dets, SAGITTAL_T2) == one_slice  # the default for the canal
+    midline = D.select_target_detections(dets, SAGITTAL_T2, rule="centroid")
+    assert [midline[t.index].slice_index for t in t2] == [4, 4, 4, 4, 7]
     best = D.select_target_detections(dets, SAGITTAL_T2, rule="max")
     assert [best[t.index].slice_index for t in t2] == [4, 2, 4, 4, 7]
     with pytest.raises(ValueError):
         D.select_target_detections(dets, SAGITTAL_T2, rule="median")
+
+
+def test_centroid_selection_takes_the_slice_nearest_the_midline():
+    # The canal shows on the mid-sagittal slice and its neighbours; here a neighbour (slice 3)
+    # is the most confident, but the confidence profile is centred on slice 4.
+    series = fake_series(SAGITTAL_T2, n=9, step=4.0)
+    t2 = targets_for_series(SAGITTAL_T2)
+    profile = {2: 0.3, 3: 0.8, 4: 0.78, 5: 0.7}
+    dets = [D.Detection(t.detector_class_id, k, int(series.instance_numbers[k]), 50.0, 10.0 + 20 * i, p)
+            for k, p in profile.items() for i, t in enumerate(t2)]
+    dets = [d for d in dets if not (d.slice_index == 4 and d.class_id == t2[4].detector_class_id)]
+    most_confident = D.select_target_detections(dets, SAGITTAL_T2, series, rule="slice")
+    assert {most_confident[t.index].slice_index for t in t2} == {3}
+    chosen = D.select_target_detections(dets, SAGITTAL_T2, series, rule="centroid")
+    # weighted mean position = slice 3.73 -> slice 4; L5/S1 has no box on slice 4, so it takes the
+    # nearest slice that has one (3 and 5 tie at one slice away: the lower index wins)
+    assert [chosen[t.index].slice_index for t in t2] == [4, 4, 4, 4, 3]
+    # positions, not indices: slices 10 mm apart except slices 4 and 5 (2 mm) put the weighted
+    # mean at 34.8 mm, nearer slice 3 (30 mm) than slice 4 (40 mm)
+    uneven = fake_series(SAGITTAL_T2, n=9, step=4.0)
+    along = np.array([0.0, 10, 20, 30, 40, 42, 52, 62, 72])
+    uneven.positions = np.stack([-along, np.zeros(9), np.zeros(9)], axis=1)  # normal (-1, 0, 0)
+    assert D.select_target_detections(dets, SAGITTAL_T2, uneven, rule="centroid")[t2[0].index].slice_index == 3
 
 
 def test_real_model_runs_on_a_series():

@@ -79,3 +79,33 @@ def test_manifest_checksums_match_and_tampered_weights_are_refused(trained, tmp_
 
     with pytest.raises(ChecksumMismatchError):
         ModelBundle.from_registry(f"{copy}@{trained.version}", device="cpu")
+
+
+@pytest.mark.s3
+def test_ray_train_and_tune_storage_on_s3(synthetic_root, tmp_path, s3_env):
+    """Ray Train/Tune storage on s3:// (the test's S3 server, reached through the endpoint in
+    the environment): every fold's checkpoints, the Tune experiment and the artefacts land in
+    the bucket, nothing under the registry's local default, and the version is published."""
+    from lumbar_ray.config import ScorerConfig, TrainConfig
+    from lumbar_ray.runtime import ray_session
+    from lumbar_ray.storage import filesystem_for
+    from lumbar_ray.train import run_training
+
+    storage = f"s3://{s3_env.bucket}/train-runs"
+    registry = tmp_path / "registry"
+    cfg = TrainConfig(data=str(synthetic_root), registry=str(registry), folds=2, seed=0, final_fit=False,
+                      models=("scorer",), scorer=ScorerConfig(epochs=1, batch_size=64), storage_path=storage)
+    with ray_session(num_cpus=2):
+        outcome = run_training(cfg)
+    fs, base = filesystem_for(storage)
+    fs.invalidate_cache()
+    for fold in (0, 1):
+        checkpoints = fs.glob(f"{base}/{outcome.version}-scorer-fold{fold}/checkpoint_*")
+        assert checkpoints, f"no checkpoint of fold {fold} on S3"
+        assert fs.exists(f"{checkpoints[-1]}/state.pt")
+        assert fs.exists(f"{base}/{outcome.version}/artifacts/scorer/fold{fold}/oof.parquet")
+    assert fs.glob(f"{base}/{outcome.version}-cv/experiment_state-*.json")
+    assert not (registry / "runs").exists()
+    manifest = ModelRegistry(str(registry)).manifest(outcome.version)
+    assert manifest["config"]["storage_path"] == storage
+    assert set(outcome.metric_table["model"]) >= {"deepscorenet", "baseline_weighted_prior"}
