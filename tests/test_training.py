@@ -100,7 +100,8 @@ def test_ray_train_and_tune_storage_on_s3(synthetic_root, tmp_path, s3_env):
     fs, base = filesystem_for(storage)
     fs.invalidate_cache()
     for fold in (0, 1):
-        checkpoints = fs.glob(f"{base}/{outcome.version}-scorer-fold{fold}/checkpoint_*")
+        run_dir = f"{base}/{outcome.version}-scorer-fold{fold}"
+        checkpoints = sorted(p for p in fs.glob(f"{run_dir}/checkpoint_*") if not p.endswith(".json"))
         assert checkpoints, f"no checkpoint of fold {fold} on S3"
         assert fs.exists(f"{checkpoints[-1]}/state.pt")
         assert fs.exists(f"{base}/{outcome.version}/artifacts/scorer/fold{fold}/oof.parquet")
