@@ -235,3 +235,19 @@ def test_node_scaling_table_and_arguments():
         bench_nodes.main(bench_nodes.get_args_parser().parse_args(["--detector-cpus", "1", "--scorer-cpus", "0.5"]))
     ports = bench_nodes._free_ports(4)
     assert len(set(ports)) == 4
+
+
+def test_stage_costs_report_every_stage(tmp_path):
+    from lumbar_ray import bench_stages
+
+    lines: list[str] = []
+    args = bench_stages.get_args_parser().parse_args(
+        ["--studies", "1", "--size", "small", "--repeat", "1", "--imgsz", "64", "--workdir", str(tmp_path)])
+    assert bench_stages.main(args, echo=lines.append) == 0
+    text = "\n".join(lines)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "studies/s" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| read + decode", "| YOLOv8n detection at 64 px",
+                                                 "| DeepScoreNet, 25 crops a study"]
+    for row in rows:
+        rate = float(row.split(" | ")[1].split()[0])
+        assert rate > 0
