@@ -35,8 +35,10 @@ class ScorerConfig:
     focal_gamma: float = 3.0
     # "repeat": one gray slice repeated in 3 channels (the paper); "adjacent": slices k-1, k, k+1.
     channels: str = "repeat"
-    # Crop side in millimetres (resampled to 32 px); None = 32 pixels as in the paper.
-    crop_mm: float | None = None
+    # Crop side in millimetres (resampled to 32 px); None = 32 pixels as in the paper. 32 mm
+    # measured better than 32 px on 200 synthetic studies (RSNA score 0.452 vs 0.559 out of
+    # sample, README), where 32 px span 40-70 mm depending on the pixel spacing.
+    crop_mm: float | None = 32.0
     max_oversample: float = 4.0
 
 

@@ -26,7 +26,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--scorer-batch-size", type=int, default=ScorerConfig.batch_size)
     p.add_argument("--channels", choices=("repeat", "adjacent"), default=ScorerConfig.channels,
                    help="scorer crop channels: one slice repeated, or slices k-1,k,k+1 (2.5D)")
-    p.add_argument("--crop-mm", type=float, default=None, help="scorer crop side in mm (default: 32 pixels)")
+    p.add_argument("--crop-mm", type=float, default=ScorerConfig.crop_mm,
+                   help="scorer crop side in mm, resampled to 32 px (0: 32 pixels, as in the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-final-fit", action="store_true", help="ship fold 0's models instead of a fit on all studies")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per training worker")
@@ -61,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         final_fit=not args.no_final_fit, storage_path=args.storage, run_name=args.version,
         max_failures=args.max_failures,
         scorer=ScorerConfig(epochs=sc_epochs, batch_size=args.scorer_batch_size, channels=args.channels,
-                            crop_mm=args.crop_mm),
+                            crop_mm=args.crop_mm or None),
         detector=DetectorConfig(epochs=det_epochs, batch_size=args.detector_batch_size, imgsz=args.imgsz,
                                 series_types=series, negatives=args.detector_negatives),
         resources=ResourceConfig(use_gpu=args.use_gpu, workers_per_trial=args.workers_per_trial,
