@@ -348,7 +348,7 @@ def _coords_on_series(coords, series, series_type: str):
 
 
 def samples_from_series(
-    series, coords, series_type: str | None = None, *, negatives: int = 0, negative_gap: int = 2
+    series, coords, series_type: str | None = None, *, negatives: int = 0, negative_gap: int | None = None
 ) -> list[DetectorSample]:
     """Training samples of one series: one per labelled instance, with every box labelled on it.
 
@@ -360,6 +360,7 @@ def samples_from_series(
     labelled slice, which teach the canal detector that the mid-sagittal slice, not the one
     beside it, carries the target), then evenly spread over the rest. They teach the detector
     that off-target slices hold no target, which picking a slice over the whole series relies on.
+    ``negative_gap`` None: :data:`DEFAULT_NEGATIVE_GAP` of the series type.
     """
     series_type = series_type or series.series_type
     rows = _coords_on_series(coords, series, series_type)
@@ -383,25 +384,24 @@ def samples_from_series(
         )
     if negatives > 0 and labelled:
         ks = np.array([k for k, _, _ in labelled])
-        gap = max(1, negative_gap)
+        gap = max(1, DEFAULT_NEGATIVE_GAP[series_type] if negative_gap is None else negative_gap)
         free = [k for k in range(vol01.shape[0]) if np.abs(ks - k).min() >= gap]
         hardest = [k for k in free if np.abs(ks - k).min() == gap][:negatives]
         rest = [k for k in free if k not in hardest]
         n_rest = min(negatives - len(hardest), len(rest))
         spread = {rest[int(round(i))] for i in np.linspace(0, len(rest) - 1, n_rest)} if n_rest > 0 else set()
-        if hardest or spread:
-            for k in sorted({*hardest, *spread}):
-                samples.append(
-                    DetectorSample(
-                        study_id=int(series.study_id),
-                        series_id=int(series.series_id),
-                        instance_number=int(series.instance_numbers[k]),
-                        image=np.rint(vol01[k] * 255.0).astype(np.uint8),
-                        pixel_spacing=spacing,
-                        class_ids=np.zeros(0, dtype=np.int64),
-                        points=np.zeros((0, 2), dtype=np.float64),
-                    )
+        for k in sorted({*hardest, *spread}):
+            samples.append(
+                DetectorSample(
+                    study_id=int(series.study_id),
+                    series_id=int(series.series_id),
+                    instance_number=int(series.instance_numbers[k]),
+                    image=np.rint(vol01[k] * 255.0).astype(np.uint8),
+                    pixel_spacing=spacing,
+                    class_ids=np.zeros(0, dtype=np.int64),
+                    points=np.zeros((0, 2), dtype=np.float64),
                 )
+            )
     return samples
 
 
@@ -416,7 +416,8 @@ def _study_series(study) -> list:
 
 
 def load_detector_samples(
-    root, split: str, study_ids: Iterable[int], coords, series_type: str, *, negatives: int = 0, negative_gap: int = 2
+    root, split: str, study_ids: Iterable[int], coords, series_type: str, *, negatives: int = 0,
+    negative_gap: int | None = None,
 ) -> list[DetectorSample]:
     """Read each study once (via :func:`lumbar_ray.dicom_io.read_study`) and keep, in memory,
     only the normalised labelled slices of ``series_type`` (uint8), plus ``negatives``

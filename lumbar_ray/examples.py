@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import DetectorConfig, ScorerConfig
-from lumbar_ray.detector import DEFAULT_NEGATIVE_GAP, DetectorSample, samples_from_series
+from lumbar_ray.detector import DetectorSample, samples_from_series
 from lumbar_ray.dicom_io import DicomReadError, Series, read_study
 from lumbar_ray.scorer import extract_crops
 from lumbar_ray.targets import TARGETS
@@ -82,9 +82,8 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
         if with_slices:
             # The coordinates say which series type the points were labelled on.
             series_type = TARGETS[int(group["target_index"].iloc[0])].series_type
-            gap = DEFAULT_NEGATIVE_GAP[series_type] if negative_gap is None else negative_gap
             slices.setdefault(series_type, []).extend(
-                samples_from_series(series, group, series_type, negatives=negatives, negative_gap=gap))
+                samples_from_series(series, group, series_type, negatives=negatives, negative_gap=negative_gap))
     frame = pd.DataFrame([{c: getattr(r, c) for c in POINT_COLUMNS} for r in kept], columns=POINT_COLUMNS)
     all_crops = np.concatenate(crops) if crops else np.zeros((0, n_channels, 32, 32), np.float32)
     return StudyExamples(int(study_id), all_crops.astype(np.float32), frame, slices, problems)

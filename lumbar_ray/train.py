@@ -328,6 +328,8 @@ def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_na
     import ray
     from ray import tune
 
+    from lumbar_ray.storage import ray_storage
+
     res = cfg.resources
     jobs = cfg.jobs()
     fold_ids = sorted(folds_frame["fold"].unique().tolist()) + ([ALL_FOLDS] if cfg.final_fit else [])
@@ -366,8 +368,6 @@ def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_na
     # The trial itself only waits on its TorchTrainer: it holds no CPU, so trials run concurrently
     # up to what the workers' resources allow.
     trainable = tune.with_resources(fold_trial, {"cpu": 0, "memory": res.trial_memory_mb * 1024 * 1024})
-    from lumbar_ray.storage import ray_storage
-
     tune_path, tune_filesystem = ray_storage(storage_path)
     tuner = tune.Tuner(
         trainable,
