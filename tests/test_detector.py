@@ -289,7 +289,36 @@ class FakeDetector(torch.nn.Module):
         return y, {}
 
 
-def test_detect_series_maps_to_original_pixels_and_selects():
+@pytest.mark.parametrize("shape, imgsz", [((16, 448, 448), 128), ((5, 352, 300), 256), ((3, 100, 130), 256),
+                                           ((2, 300, 200), 96)])
+def test_torch_preprocessing_equals_numpy_opencv(shape, imgsz):
+    """The on-device preprocessing (GPU nodes) gives the detector the same images as the
+    NumPy/OpenCV path that training uses: blurred downscale, upscale and non-square shapes."""
+    rng = np.random.default_rng(sum(shape) + imgsz)
+    z = np.linspace(0, 1, shape[0])[:, None, None]
+    volume = (rng.normal(300, 60, shape) + 400 * z + np.indices(shape[1:]).sum(0)).astype(np.float32)
+    expected, lb_np = D.preprocess_slices(D.normalize_volume(volume), imgsz)
+    got, lb_torch = D.preprocess_volume_torch(volume, imgsz, "cpu")
+    assert lb_torch == lb_np and got.shape == expected.shape == (shape[0], 3, imgsz, imgsz)
+    diff = (got - expected).abs()
+    # OpenCV interpolates with 1/32-pixel fixed-point weights: far below the detector's noise.
+    assert float(diff.max()) < 2e-3 and float(diff.mean()) < 1e-4
+
+
+def test_torch_preprocessing_degenerate_volumes():
+    flat = np.full((3, 40, 50), 7.0, np.float32)
+    got, _ = D.preprocess_volume_torch(flat, 64, "cpu")
+    assert got.shape == (3, 3, 64, 64) and float(got.abs().max()) == 0.0
+    with_nan = np.random.default_rng(0).normal(size=(2, 40, 50)).astype(np.float32)
+    with_nan[0, :5] = np.nan
+    got, _ = D.preprocess_volume_torch(with_nan, 64, "cpu")
+    expected, _ = D.preprocess_slices(D.normalize_volume(with_nan), 64)
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=2e-3)
+
+
+@pytest.mark.parametrize("preprocess", ["numpy", "torch"])
+def test_detect_series_maps_to_original_pixels_and_selects(preprocess):
     series = fake_series(SAGITTAL_T2, n=7, rows=200, cols=150, spacing=(0.5, 0.5))
     imgsz = 128
     lb = D.Letterbox.fit(200, 150, imgsz)
@@ -299,7 +328,7 @@ def test_detect_series_maps_to_original_pixels_and_selects():
     }
     boxes = {k: [(c, *lb.forward(x, y), p) for c, x, y, p in v] for k, v in truth.items()}
     model = FakeDetector(5, boxes, imgsz)
-    dets = D.detect_series(model, series, imgsz=imgsz, conf=0.1, batch_size=3)
+    dets = D.detect_series(model, series, imgsz=imgsz, conf=0.1, batch_size=3, preprocess=preprocess)
     assert model.batches == [3, 3, 1]
     assert len(dets) == 4
     for d in dets:
