@@ -718,6 +718,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--scorer-batch-studies", type=int, default=d.scorer_batch_studies)
     g.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward, (a) and (c)")
     g.add_argument("--flush-studies", type=int, default=d.flush_studies)
+    g.add_argument("--buffer-mb", type=float, default=d.buffer_mb,
+                   help="object-store MiB between stages (0 = Ray Data's default share)")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of (b), (c), (a), interleaved; the table shows each path's median-time round and "
                         "the highest memory peak of all rounds")
@@ -739,7 +741,7 @@ def _score_kwargs(args: argparse.Namespace, root: str, models: str) -> dict:
         scorer_cpus=args.scorer_cpus,
         scorer_gpus=args.scorer_gpus if args.scorer_gpus is not None else (0.25 if gpus else 0.0),
         scorer_batch_studies=args.scorer_batch_studies, slice_batch=args.slice_batch,
-        flush_studies=args.flush_studies,
+        flush_studies=args.flush_studies, buffer_mb=args.buffer_mb,
     )
 
 

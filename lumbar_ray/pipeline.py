@@ -42,6 +42,12 @@ class ScoreConfig:
     scorer_batch_studies: int = 16
     slice_batch: int = 32  # slices per detector forward pass
     flush_studies: int = 16  # studies per written part file
+    # Object-store memory the run may fill with blocks between stages (MiB; 0 = Ray Data's own
+    # budget, a share of the object store). Why: on a node with many CPUs the read tasks outrun
+    # the detector actors, and Ray Data's default budget (~15 % of RAM) lets the backlog of decoded
+    # studies (~50 MB each at full size) grow with the number of studies (`make bench` on a 16-CPU
+    # GPU node: peak summed RSS 9.2 GB at 20 studies, 15.6 GB at 100). A fixed cap bounds it.
+    buffer_mb: float = 4096.0
     limit: int | None = None
     retry_errors: bool = False
     study_ids: list[str] | None = None  # score only these
@@ -164,6 +170,10 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_pool), num_gpus=cfg.scorer_gpus,
                         num_cpus=cfg.scorer_cpus, batch_size=cfg.scorer_batch_studies, batch_format="numpy",
                         **ray_remote_args_with_storage_env())
+    if cfg.buffer_mb and cfg.buffer_mb > 0:
+        # The dataset's own copy of the DataContext: other datasets of this driver keep theirs.
+        ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=float(cfg.buffer_mb) * 2**20)
     return ds
 
 

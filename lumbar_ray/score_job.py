@@ -28,6 +28,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--read-cpus", type=float, default=d.read_cpus, help="CPUs per read/decode task")
     p.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward pass")
     p.add_argument("--flush-studies", type=int, default=d.flush_studies, help="studies per Parquet part file")
+    p.add_argument("--buffer-mb", type=float, default=d.buffer_mb,
+                   help="object-store MiB for blocks between stages (0 = Ray Data's default share)")
     p.add_argument("--limit", type=int, default=None, help="score at most this many (new) studies")
     p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
@@ -42,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         detector_cpus=args.detector_cpus, detector_batch_studies=args.detector_batch_studies,
         scorer_pool=args.scorer_pool, scorer_gpus=args.scorer_gpus, scorer_cpus=args.scorer_cpus,
         scorer_batch_studies=args.scorer_batch_studies, slice_batch=args.slice_batch,
-        flush_studies=args.flush_studies, limit=args.limit, retry_errors=args.retry_errors,
+        flush_studies=args.flush_studies, buffer_mb=args.buffer_mb, limit=args.limit, retry_errors=args.retry_errors,
     )
 
 

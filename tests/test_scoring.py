@@ -64,6 +64,19 @@ def test_pipeline_end_to_end_and_equal_to_in_process_loop(ray_runtime, synthetic
     assert len(read_predictions(str(out))) == len(preds)
 
 
+def test_buffer_cap_reaches_this_dataset_only(ray_runtime):
+    import ray
+
+    from lumbar_ray.pipeline import build_dataset
+
+    before = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
+    capped = build_dataset(ScoreConfig(input="x", models="m", out="o", buffer_mb=512), ["1", "2"], "r", None)
+    assert capped.context.execution_options.resource_limits.object_store_memory == 512 * 2**20
+    default = build_dataset(ScoreConfig(input="x", models="m", out="o", buffer_mb=0), ["1"], "r", None)
+    assert default.context.execution_options.resource_limits.object_store_memory == before
+    assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == before
+
+
 def test_bad_input_never_crashes_and_nothing_is_lost(ray_runtime, synthetic_root, trained, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(synthetic_root, root)
