@@ -131,7 +131,9 @@ def _report_epoch(metrics: dict, state: dict, extra_files: dict[str, bytes] | No
 
     import ray
 
-    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
+    # node and device recorded with every epoch: where a trial ran is part of its record.
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id(),
+               "device": str(ray.train.torch.get_device())}
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
@@ -303,6 +305,7 @@ def fold_trial(config: dict) -> None:
                 fs.put_file(os.path.join(directory, name), f"{out_path}/{name}")
     tune.report({"job": job, "fold": fold, "started": started, "finished": finished,
                  "node_ip": _node_ip(), "node_id": result.metrics.get("node_id", ""),
+                 "device": result.metrics.get("device", ""),
                  **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}})
 
 
