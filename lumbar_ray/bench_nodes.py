@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -33,50 +31,26 @@ from typing import Callable
 from lumbar_ray import bench
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def _node_args(temp_dir: str, num_cpus: float, head: bool) -> dict:
-    names = ["object_manager_port", "node_manager_port", "dashboard_agent_listen_port", "metrics_agent_port",
-             "metrics_export_port", "runtime_env_agent_port"] + (["gcs_server_port", "ray_client_server_port"] if head else [])
-    args = dict(zip(names, _free_ports(len(names))))
-    args.update(num_cpus=num_cpus, num_gpus=0, temp_dir=os.path.join(temp_dir, "ray"), include_dashboard=False,
-                object_store_memory=300 * 2**20)
-    return args
-
-
 def phase_nodes(n_nodes: int, cpus_per_node: float, score_kwargs: dict, id_sets: list[list[str]], interval_s: float,
                 scratch: str) -> dict:
     """In a fresh process: start an ``n_nodes`` cluster, run the pipeline on each id set, stop it."""
-    temp_dir = tempfile.mkdtemp(prefix="lr-nodes-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster writes its address file here, not in /tmp/ray
-    os.environ.pop("RAY_ADDRESS", None)
-    for name, port in zip(("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"), _free_ports(2)):
-        os.environ[name] = str(port)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=_node_args(temp_dir, cpus_per_node, head=True))
-    try:
-        for _ in range(n_nodes - 1):
-            cluster.add_node(**_node_args(temp_dir, cpus_per_node, head=False))
-        cluster.wait_for_nodes()
-        t0 = time.perf_counter()
-        runs = bench.phase_pipeline(score_kwargs, id_sets, cluster.address, None, None, interval_s, scratch)
-        return {"runs": runs, "phase_s": time.perf_counter() - t0}
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    from lumbar_ray.localcluster import node_args, private_ray_tmpdir
+
+    with private_ray_tmpdir(prefix="lr-nodes-") as temp_dir:
+        cluster = Cluster(initialize_head=True,
+                          head_node_args=node_args(temp_dir, cpus_per_node, head=True, object_store_mb=300))
+        try:
+            for _ in range(n_nodes - 1):
+                cluster.add_node(**node_args(temp_dir, cpus_per_node, head=False, object_store_mb=300))
+            cluster.wait_for_nodes()
+            t0 = time.perf_counter()
+            runs = bench.phase_pipeline(score_kwargs, id_sets, cluster.address, None, None, interval_s, scratch)
+            return {"runs": runs, "phase_s": time.perf_counter() - t0}
+        finally:
+            cluster.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -11,12 +11,9 @@ Two kinds:
   their own process group but keep the session) or carrying its temp dir, SIGKILL after a grace
   period. ``ray stop`` is never used: it kills every Ray instance on the machine (other tests,
   other developers).
-- :func:`private_ray_tmpdir` is the environment an in-process ``ray.cluster_utils.Cluster``
-  needs so it stays private: ``Cluster`` writes its GCS address to
-  ``$RAY_TMPDIR/ray/ray_current_cluster`` (default ``/tmp/ray/...``), and a plain ``ray.init()``
-  anywhere on the machine connects to the address in that file — so without a private
-  ``RAY_TMPDIR`` every other developer's ``ray.init()`` would join (or, once it is gone, fail
-  on) our test cluster.
+- In-process multi-node clusters (``ray.cluster_utils.Cluster``) use the package's
+  :mod:`lumbar_ray.localcluster` (``private_ray_tmpdir``, ``node_args``): ``make bench-nodes``
+  starts the same kind of cluster.
 
 Temp dirs are short paths under ``/tmp`` on purpose: Ray puts unix sockets under
 ``{temp_dir}/session_<timestamp>_<pid>/sockets/`` and a socket path must fit in 107 bytes,
@@ -36,9 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +42,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+# Free ports (and the private RAY_TMPDIR of in-process clusters) live in the package: make
+# bench-nodes needs them too.
+from lumbar_ray.localcluster import ENV_PORTS, free_ports
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -64,60 +62,7 @@ HEAD_PORT_FLAGS = (
     "runtime-env-agent-port",
     "metrics-export-port",
 )
-ENV_PORTS = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 WORKER_PORTS = 64  # --min-worker-port .. --max-worker-port: one port per worker process
-
-
-# ----------------------------------------------------------------------------------------------
-# free ports
-# ----------------------------------------------------------------------------------------------
-
-
-def _port_window() -> tuple[int, int]:
-    """Ports below the kernel's ephemeral range, so no outgoing connection takes ours meanwhile."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return 15000, max(16000, low - 1)
-
-
-def _is_free(port: int) -> bool:
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")):
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def free_ports(n: int, span: int = 0) -> tuple[list[int], tuple[int, int]]:
-    """``n`` distinct free ports plus (when ``span``) a free contiguous range of ``span`` ports,
-    none overlapping. Random picks (seeded by pid and clock) keep parallel runs apart."""
-    lo, hi = _port_window()
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    taken: set[int] = set()
-    window = (0, -1)
-    if span:
-        for _ in range(500):
-            start = rng.randrange(lo, hi - span)
-            if all(_is_free(p) for p in range(start, start + span)):
-                window = (start, start + span - 1)
-                taken |= set(range(start, start + span))
-                break
-        else:
-            raise RuntimeError(f"no {span} contiguous free ports in {lo}-{hi}")
-    chosen: list[int] = []
-    for _ in range(20000):
-        p = rng.randrange(lo, hi)
-        if p in taken or not _is_free(p):
-            continue
-        chosen.append(p)
-        taken.add(p)
-        if len(chosen) == n:
-            return chosen, window
-    raise RuntimeError("could not find free ports")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,46 +253,3 @@ def start_ray_head(num_cpus: int = 2, timeout: float = 120.0, extra_env: dict[st
     except BaseException:
         head.stop()
         raise
-
-
-# ----------------------------------------------------------------------------------------------
-# in-process multi-node cluster (ray.cluster_utils.Cluster), kept private
-# ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def private_ray_tmpdir() -> Iterator[str]:
-    """A fresh short temp dir set as ``RAY_TMPDIR`` (see module doc), plus free ports for the
-    dashboard's and autoscaler's metrics, for the block; the environment is restored on exit."""
-    temp_dir = tempfile.mkdtemp(prefix="lr-mn-", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", *ENV_PORTS)}
-    ports, _ = free_ports(len(ENV_PORTS))
-    os.environ["RAY_TMPDIR"] = temp_dir
-    # RAY_AUTH_MODE is left as this process has it, on purpose: the nodes inherit it, so they and
-    # this driver agree. An earlier local ray.init() here (e.g. the `trained` fixture) set it to
-    # "token" (Ray 2.60 does when ~/.ray/auth_token exists) and that choice stays cached in the
-    # driver's core worker; nodes started with "disabled" then send no token to the driver's
-    # own gRPC server, its calls are refused, and the driver looks dead to them (OwnerDiedError,
-    # actors "cancelled before they started").
-    os.environ.pop("RAY_ADDRESS", None)
-    for name, port in zip(ENV_PORTS, ports):
-        os.environ[name] = str(port)
-    try:
-        yield temp_dir
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def node_args(temp_dir: str, num_cpus: float, head: bool, resources: dict[str, float] | None = None) -> dict:
-    """``Cluster.add_node`` arguments with every port free and the private temp dir."""
-    names = ["object_manager_port", "node_manager_port", "dashboard_agent_listen_port", "metrics_agent_port",
-             "metrics_export_port", "runtime_env_agent_port"] + (["gcs_server_port", "ray_client_server_port"] if head else [])
-    ports, _ = free_ports(len(names))
-    args = dict(zip(names, ports))
-    args.update(num_cpus=num_cpus, num_gpus=0, temp_dir=os.path.join(temp_dir, "ray"), include_dashboard=False,
-                object_store_memory=200 * 2**20, resources=resources or {})
-    return args

@@ -233,8 +233,6 @@ def test_node_scaling_table_and_arguments():
     assert table.endswith("_caption_")
     with pytest.raises(SystemExit, match="must fit one node"):
         bench_nodes.main(bench_nodes.get_args_parser().parse_args(["--detector-cpus", "1", "--scorer-cpus", "0.5"]))
-    ports = bench_nodes._free_ports(4)
-    assert len(set(ports)) == 4
 
 
 def test_stage_costs_report_every_stage(tmp_path):

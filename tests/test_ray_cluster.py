@@ -129,7 +129,9 @@ def two_node_cluster(trained):
     import ray
     from ray.cluster_utils import Cluster
 
-    from raycluster import end_processes, node_args, private_ray_tmpdir
+    from raycluster import end_processes
+
+    from lumbar_ray.localcluster import node_args, private_ray_tmpdir
 
     assert not ray.is_initialized()
     with private_ray_tmpdir() as temp_dir:
