@@ -7,7 +7,7 @@ MODELS=${MODELS:-work/gpu/models/registry}
 export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 PYTHONPATH="$SITE:$PWD"
 log() { echo "[$(date +%T)] $*"; }
 test -d "$SITE/ray" && test -d "$DATA" || { echo "fresh machine: part 1 (setup_and_test.sh) did not run here"; exit 3; }
-common=(--data "$DATA" --models "$MODELS" --size full --num-gpus 1 --workdir /tmp/lrbench/work)
+common=(--data "$DATA" --models "$MODELS" --size full --num-gpus 1 --read-cpus 1 --workdir /tmp/lrbench/work)
 log "(a), (b), (c): 20 and 100 studies"
 timeout 330 python3 -m lumbar_ray.bench "${common[@]}" --n 20 --scale 5 \
   --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
