@@ -1002,8 +1002,9 @@ def detect_series(
             x, lb = preprocess_slices(vol01[start : start + batch_size], imgsz)
         y = bare(x.to(device))
         y = y[0] if isinstance(y, (tuple, list)) else y
-        # NMS on the host: Ultralytics runs it image by image, and on a GPU each image's small
-        # kernels and syncs cost more than the whole batch's raw output (a few MB) takes to copy.
+        # NMS on the host: Ultralytics runs it image by image, and on a GPU each image brings its
+        # own small kernels and syncs, while the batch's raw output is a few MB to copy once
+        # (the first GPU run found ~110 ms of host-side work a study; its share is not yet measured).
         kept = nms(y.float().cpu(), conf_thres=conf, iou_thres=iou, multi_label=multi_label, max_det=max_det)
         counts = [len(d) for d in kept]
         if not sum(counts):
