@@ -211,11 +211,17 @@ def make_loss_fn(model: nn.Module) -> DetectionLoss:
 # --------------------------------------------------------------------------------------------
 
 
+def _percentile_step(n_voxels: int) -> int:
+    """Stride of the voxel subsample the normalisation percentiles are taken on (~1M voxels);
+    shared by :func:`normalize_volume` and :func:`preprocess_volume_torch`, which must agree."""
+    return max(1, n_voxels // 1_000_000)
+
+
 def normalize_volume(volume: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
     """Robust min-max to [0, 1] float32 over the whole volume (percentiles on a subsample)."""
     vol = np.asarray(volume, dtype=np.float32)
     flat = vol.reshape(-1)
-    step = max(1, flat.size // 1_000_000)
+    step = _percentile_step(flat.size)
     lo, hi = np.percentile(flat[::step], [lo_pct, hi_pct])
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         lo, hi = float(np.nanmin(flat)), float(np.nanmax(flat))
@@ -338,7 +344,7 @@ def preprocess_volume_torch(
     vol = torch.as_tensor(np.ascontiguousarray(volume, dtype=np.float32)).to(device, non_blocking=True)
     n, rows, cols = vol.shape
     flat = vol.reshape(-1)
-    step = max(1, flat.numel() // 1_000_000)
+    step = _percentile_step(flat.numel())
     q = torch.tensor([lo_pct / 100.0, hi_pct / 100.0], device=device, dtype=torch.float32)
     lo, hi = (float(v) for v in torch.quantile(flat[::step], q).cpu())
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
@@ -438,20 +444,16 @@ def samples_from_series(
         return []
     vol01 = normalize_volume(series.volume)
     spacing = (float(series.pixel_spacing[0]), float(series.pixel_spacing[1]))
-    samples = []
+
+    def sample(k: int, class_ids: np.ndarray, points: np.ndarray) -> DetectorSample:
+        return DetectorSample(study_id=int(series.study_id), series_id=int(series.series_id),
+                              instance_number=int(series.instance_numbers[k]),
+                              image=np.rint(vol01[k] * 255.0).astype(np.uint8), pixel_spacing=spacing,
+                              class_ids=class_ids, points=points)
+
     labelled = _series_slices_for_labels(series, rows)
-    for k, targets, pts in labelled:
-        samples.append(
-            DetectorSample(
-                study_id=int(series.study_id),
-                series_id=int(series.series_id),
-                instance_number=int(series.instance_numbers[k]),
-                image=np.rint(vol01[k] * 255.0).astype(np.uint8),
-                pixel_spacing=spacing,
-                class_ids=np.array([t.detector_class_id for t in targets], dtype=np.int64),
-                points=pts,
-            )
-        )
+    samples = [sample(k, np.array([t.detector_class_id for t in targets], dtype=np.int64), pts)
+               for k, targets, pts in labelled]
     if negatives > 0 and labelled:
         ks = np.array([k for k, _, _ in labelled])
         gap = max(1, DEFAULT_NEGATIVE_GAP[series_type] if negative_gap is None else negative_gap)
@@ -460,18 +462,8 @@ def samples_from_series(
         rest = [k for k in free if k not in hardest]
         n_rest = min(negatives - len(hardest), len(rest))
         spread = {rest[int(round(i))] for i in np.linspace(0, len(rest) - 1, n_rest)} if n_rest > 0 else set()
-        for k in sorted({*hardest, *spread}):
-            samples.append(
-                DetectorSample(
-                    study_id=int(series.study_id),
-                    series_id=int(series.series_id),
-                    instance_number=int(series.instance_numbers[k]),
-                    image=np.rint(vol01[k] * 255.0).astype(np.uint8),
-                    pixel_spacing=spacing,
-                    class_ids=np.zeros(0, dtype=np.int64),
-                    points=np.zeros((0, 2), dtype=np.float64),
-                )
-            )
+        samples += [sample(k, np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.float64))
+                    for k in sorted({*hardest, *spread})]
     return samples
 
 

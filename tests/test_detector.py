@@ -289,18 +289,24 @@ class FakeDetector(torch.nn.Module):
         return y, {}
 
 
-@pytest.mark.parametrize("shape, imgsz", [((16, 448, 448), 128), ((5, 352, 300), 256), ((3, 100, 130), 256),
-                                           ((2, 300, 200), 96)])
-def test_torch_preprocessing_equals_numpy_opencv(shape, imgsz):
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("shape, imgsz", [((16, 448, 448), 128), ((48, 352, 352), 256), ((5, 352, 300), 256),
+                                           ((3, 100, 130), 256), ((2, 300, 200), 96)])
+def test_torch_preprocessing_equals_numpy_opencv(shape, imgsz, device):
     """The on-device preprocessing (GPU nodes) gives the detector the same images as the
     NumPy/OpenCV path that training uses: blurred downscale, upscale and non-square shapes."""
     rng = np.random.default_rng(sum(shape) + imgsz)
     z = np.linspace(0, 1, shape[0])[:, None, None]
     volume = (rng.normal(300, 60, shape) + 400 * z + np.indices(shape[1:]).sum(0)).astype(np.float32)
     expected, lb_np = D.preprocess_slices(D.normalize_volume(volume), imgsz)
-    got, lb_torch = D.preprocess_volume_torch(volume, imgsz, "cpu")
+    got, lb_torch = D.preprocess_volume_torch(volume, imgsz, device)
+    assert got.device.type == device
     assert lb_torch == lb_np and got.shape == expected.shape == (shape[0], 3, imgsz, imgsz)
-    diff = (got - expected).abs()
+    diff = (got.cpu() - expected).abs()
     # OpenCV interpolates with 1/32-pixel fixed-point weights: far below the detector's noise.
     assert float(diff.max()) < 2e-3 and float(diff.mean()) < 1e-4
 
