@@ -1137,10 +1137,15 @@ class HitRates:
     n_detected: int = 0
     n_right_slice: int = 0
     hits: dict[float, int] = field(default_factory=dict)
+    # Detections within t mm of the labelled point in patient space (3-D), whatever the slice.
+    hits_3d: dict[float, int] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def rate(self, tol_mm: float) -> float:
         return self.hits.get(float(tol_mm), 0) / self.n_labelled if self.n_labelled else float("nan")
+
+    def rate_3d(self, tol_mm: float) -> float:
+        return self.hits_3d.get(float(tol_mm), 0) / self.n_labelled if self.n_labelled else float("nan")
 
     def as_dict(self) -> dict[str, float]:
         n = self.n_labelled
@@ -1151,19 +1156,22 @@ class HitRates:
         }
         for t in self.tolerances_mm:
             out[f"hit_{t:g}mm"] = self.rate(t)
+        for t in self.tolerances_mm:
+            out[f"hit_{t:g}mm_3d"] = self.rate_3d(t)
         return out
 
     @classmethod
     def merge(cls, parts: Iterable[HitRates]) -> HitRates:
         parts = list(parts)
         tols = parts[0].tolerances_mm if parts else (5.0, 10.0)
-        out = cls(tols, hits={float(t): 0 for t in tols})
+        out = cls(tols, hits={float(t): 0 for t in tols}, hits_3d={float(t): 0 for t in tols})
         for p in parts:
             out.n_labelled += p.n_labelled
             out.n_detected += p.n_detected
             out.n_right_slice += p.n_right_slice
             for t in tols:
                 out.hits[float(t)] += p.hits.get(float(t), 0)
+                out.hits_3d[float(t)] += p.hits_3d.get(float(t), 0)
             out.records.extend(p.records)
         return out
 
@@ -1185,6 +1193,14 @@ def _slice_spacing(series) -> float:
     return float(getattr(series, "slice_thickness", 1.0) or 1.0)
 
 
+def _patient_point(series, slice_index: int, x: float, y: float) -> np.ndarray:
+    """Patient point (mm) of pixel (x = column, y = row) on a slice (as Series.pixel_to_patient,
+    for any object with positions, orientation and pixel_spacing)."""
+    o = np.asarray(series.orientation, dtype=np.float64)
+    row_mm, col_mm = float(series.pixel_spacing[0]), float(series.pixel_spacing[1])
+    return np.asarray(series.positions[int(slice_index)], dtype=np.float64) + x * col_mm * o[:3] + y * row_mm * o[3:]
+
+
 def detector_hit_rates(
     selected: Mapping[int, Detection | None],
     coords,
@@ -1204,9 +1220,14 @@ def detector_hit_rates(
       both (0 = same instance); and
     - lies within t mm of the labelled (x, y) in the image plane
       (``hypot(dx * col_spacing, dy * row_spacing)``, PixelSpacing = (row, col)).
+
+    Beside it, ``hits_3d`` counts detections within t mm of the labelled point in patient
+    space (``dist_3d_mm``: both points through the DICOM geometry, slice position included),
+    whichever slice they are on: a detection on the neighbouring slice of a label that lies
+    between two slices is a miss above but can be a few millimetres from the labelled point.
     """
     tols = tuple(float(t) for t in tolerances_mm)
-    res = HitRates(tols, hits={t: 0 for t in tols})
+    res = HitRates(tols, hits={t: 0 for t in tols}, hits_3d={t: 0 for t in tols})
     series_type = series.series_type
     rows = _coords_on_series(coords, series, series_type)
     if slice_tolerance_mm is None:
@@ -1223,20 +1244,24 @@ def detector_hit_rates(
             res.records.append(rec)
             continue
         res.n_detected += 1
+        try:
+            k = int(series.index_of_instance(int(inst)))
+        except (KeyError, ValueError, IndexError):
+            k = None  # the labelled instance is not in this series: a miss either way
         if slice_tolerance_mm <= 0:
             right = int(det.instance_number) == int(inst)
         else:
-            try:
-                k = int(series.index_of_instance(int(inst)))
-                right = abs(along[det.slice_index] - along[k]) <= slice_tolerance_mm
-            except (KeyError, ValueError, IndexError):
-                right = False
+            right = k is not None and abs(along[det.slice_index] - along[k]) <= slice_tolerance_mm
         dist = math.hypot((det.x - float(x)) * col_mm, (det.y - float(y)) * row_mm)
+        dist_3d = (float(np.linalg.norm(_patient_point(series, det.slice_index, det.x, det.y)
+                                        - _patient_point(series, k, float(x), float(y))))
+                   if k is not None else math.inf)
         rec.update(det_instance_number=det.instance_number, det_x=det.x, det_y=det.y, confidence=det.confidence,
-                   right_slice=right, dist_mm=dist)
+                   right_slice=right, dist_mm=dist, dist_3d_mm=dist_3d)
         res.n_right_slice += right
         for tol in tols:
             res.hits[tol] += bool(right and dist <= tol)
+            res.hits_3d[tol] += bool(dist_3d <= tol)
         res.records.append(rec)
     return res
 

@@ -440,6 +440,14 @@ def test_hit_rates():
     assert d["hit_5mm"] == pytest.approx(0.2) and d["detected"] == pytest.approx(0.8)
     merged = D.HitRates.merge([r, r])
     assert merged.n_labelled == 10 and merged.rate(10) == pytest.approx(0.4)
+    # patient space: slices 4 mm apart, pixels 0.5 mm; the wrong-instance detection (one slice
+    # over, same pixel) is 4 mm from the labelled point, so it counts within 5 mm in 3-D
+    dist_3d = {rec["column"]: rec.get("dist_3d_mm") for rec in r.records}
+    assert dist_3d[t2[0].column] == pytest.approx(1.0) and dist_3d[t2[1].column] == pytest.approx(7.0)
+    assert dist_3d[t2[2].column] == pytest.approx(4.0) and dist_3d[t2[4].column] == pytest.approx(15.0)
+    assert dist_3d[t2[3].column] is None  # not detected
+    assert r.rate_3d(5) == pytest.approx(0.4) and r.rate_3d(10) == pytest.approx(0.6)
+    assert d["hit_5mm_3d"] == pytest.approx(0.4) and merged.rate_3d(5) == pytest.approx(0.4)
     # axial: a neighbouring slice (one spacing away) is still the right slice, two are not
     ax = fake_series(AXIAL_T2, n=6, step=4.0)
     t_ax = targets_for_series(AXIAL_T2)
@@ -450,6 +458,8 @@ def test_hit_rates():
     sel_ax = {t_ax[0].index: D.Detection(0, 3, 14, 50.0, 50.0, 0.9), t_ax[1].index: D.Detection(1, 4, 15, 50.0, 50.0, 0.9)}
     r_ax = D.detector_hit_rates(sel_ax, coords_ax, ax)
     assert r_ax.n_right_slice == 1 and r_ax.rate(5) == pytest.approx(0.5)
+    assert [rec["dist_3d_mm"] for rec in r_ax.records] == pytest.approx([4.0, 8.0])
+    assert r_ax.rate_3d(5) == pytest.approx(0.5) and r_ax.rate_3d(10) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- persistence, DDP, offline

@@ -4,6 +4,7 @@ tolerance, registry integrity. The training itself runs once, in the session fix
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -53,7 +54,27 @@ def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
     n = table[table["group"] == "all"].set_index("model")["n"]
     assert n.nunique() == 1 and n.iloc[0] > 0
     assert "detector_sagittal_t2_stir" in set(trained.detector_table["detector"])
-    assert "within_5mm" in trained.detector_table.columns
+    assert {"within_5mm", "within_5mm_3d"} <= set(trained.detector_table.columns)
+
+
+def test_detector_metrics_in_plane_and_in_patient_space():
+    from lumbar_ray.train import detector_metrics
+
+    records = pd.DataFrame({
+        "job": ["det"] * 4, "fold": [0, 0, 1, 1],
+        "detected": [True, True, True, False],
+        "right_slice": [True, False, True, None],
+        "dist_mm": [1.0, 1.0, 7.0, np.nan],
+        "dist_3d_mm": [1.0, 4.2, 7.0, np.nan],  # the second: the neighbouring slice, 4.2 mm away
+    })
+    table = detector_metrics(records).set_index("fold")
+    assert table.loc["all", "n_targets"] == 4 and table.loc["all", "right_instance"] == pytest.approx(0.5)
+    assert table.loc["all", "within_5mm"] == pytest.approx(0.25) and table.loc["all", "within_10mm"] == pytest.approx(0.5)
+    assert table.loc["all", "within_5mm_3d"] == pytest.approx(0.5) and table.loc["all", "within_10mm_3d"] == pytest.approx(0.75)
+    assert table.loc["0", "within_5mm_3d"] == pytest.approx(1.0) and table.loc["1", "within_5mm_3d"] == pytest.approx(0.0)
+    # records from before the 3-D distance existed: unknown, not misses
+    old = detector_metrics(records.drop(columns="dist_3d_mm")).set_index("fold")
+    assert np.isnan(old.loc["all", "within_5mm_3d"]) and old.loc["all", "within_5mm"] == pytest.approx(0.25)
 
 
 def test_manifest_checksums_match_and_tampered_weights_are_refused(trained, tmp_path):
