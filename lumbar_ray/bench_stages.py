@@ -14,6 +14,7 @@ RSNA set's 74.6 files and 17.7 MB), then times, in this process with ``--threads
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     from lumbar_ray import synth, ultralytics_env
 
     ultralytics_env.configure()
-    from lumbar_ray.detector import build_detector, detect_series
+    from lumbar_ray.detector import (build_detector, detect_series, normalize_volume, prepare_for_inference,
+                                     preprocess_slices)
     from lumbar_ray.dicom_io import list_studies, read_study
     from lumbar_ray.scorer import DeepScoreNet, predict_proba
     from lumbar_ray.targets import SERIES_TYPES
@@ -60,15 +62,23 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     rows = [("read + decode", files / read_s, "files/s", len(ids) / read_s)]
     series = [x for st in studies for x in st.all_series()]
     n_slices = sum(x.volume.shape[0] for x in series)
-    for imgsz in args.imgsz or [256]:
-        detectors = {t: build_detector(t, imgsz=imgsz).eval() for t in SERIES_TYPES}
-        detect_series(detectors[series[0].series_type], series[0], imgsz=imgsz)  # warm-up
+    def timed(fn) -> float:
         t0 = time.perf_counter()
         for _ in range(args.repeat):
             for x in series:
-                detect_series(detectors[x.series_type], x, imgsz=imgsz, conf=0.5)
-        det_s = (time.perf_counter() - t0) / args.repeat
-        rows.append((f"YOLOv8n detection at {imgsz} px", n_slices / det_s, "slices/s", len(ids) / det_s))
+                fn(x)
+        return (time.perf_counter() - t0) / args.repeat
+
+    for imgsz in args.imgsz or [256]:
+        trained = {t: build_detector(t, imgsz=imgsz).eval() for t in SERIES_TYPES}
+        prepared = {t: prepare_for_inference(copy.deepcopy(m)) for t, m in trained.items()}
+        for label, detectors in (("as trained: BatchNorm, NCHW", trained), ("as scored: fused, channels-last", prepared)):
+            detect_series(detectors[series[0].series_type], series[0], imgsz=imgsz)  # warm-up
+            det_s = timed(lambda x: detect_series(detectors[x.series_type], x, imgsz=imgsz, conf=0.5))
+            rows.append((f"YOLOv8n detection at {imgsz} px ({label})", n_slices / det_s, "slices/s", len(ids) / det_s))
+        pre_s = timed(lambda x: preprocess_slices(normalize_volume(x.volume), imgsz))
+        rows.append((f"of which normalisation + letterbox to {imgsz} px (NumPy/OpenCV)", n_slices / pre_s, "slices/s",
+                     len(ids) / pre_s))
     net = DeepScoreNet().eval()
     crops = np.random.default_rng(0).random((25 * len(ids), 3, 32, 32), dtype=np.float32)
     predict_proba(net, crops[:25])

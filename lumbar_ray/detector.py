@@ -75,6 +75,7 @@ __all__ = [
     "letterbox_image",
     "load_detector",
     "load_detector_samples",
+    "prepare_for_inference",
     "make_loss_fn",
     "make_optimizer",
     "make_scheduler",
@@ -1310,6 +1311,19 @@ def save_detector(model: nn.Module, path, **extra: Any) -> None:
     }
     with _open(path, "wb") as f:
         torch.save(ckpt, f)
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Scoring-only speed-ups, in place: each BatchNorm folded into its convolution
+    (Ultralytics' ``fuse``) and the weights stored channels-last. Outputs stay equal up to float
+    rounding (tested); on this project's CPU, YOLOv8n at 128 px ran ~20-25 % faster at batch 32
+    and at batch 1 (``make bench`` measures it end to end). Not for a model that will be trained
+    again: the BatchNorm layers are gone."""
+    bare = unwrap_model(model)
+    bare.eval()
+    bare.fuse(verbose=False)
+    bare.to(memory_format=torch.channels_last)
+    return model
 
 
 def load_detector(path, device: torch.device | str = "cpu") -> nn.Module:

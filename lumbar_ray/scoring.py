@@ -42,7 +42,7 @@ class ModelBundle:
         from lumbar_ray.registry import ModelRegistry, parse_model_spec
 
         ultralytics_env.configure()
-        from lumbar_ray.detector import load_detector
+        from lumbar_ray.detector import load_detector, prepare_for_inference
         from lumbar_ray.scorer import DeepScoreNet
 
         root, version = parse_model_spec(spec)
@@ -56,7 +56,8 @@ class ModelBundle:
         for series_type in SERIES_TYPES:
             name = models.get(detector_job(series_type))
             if name:
-                detectors[series_type] = load_detector(registry.fetch(version, name, local), device=device)
+                detectors[series_type] = prepare_for_inference(
+                    load_detector(registry.fetch(version, name, local), device=device))
         if SCORER not in models:
             raise ValueError(f"registry version {version} has no scorer")
         payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)

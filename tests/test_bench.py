@@ -244,8 +244,10 @@ def test_stage_costs_report_every_stage(tmp_path):
     assert bench_stages.main(args, echo=lines.append) == 0
     text = "\n".join(lines)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "studies/s" in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| read + decode", "| YOLOv8n detection at 64 px",
-                                                 "| DeepScoreNet, 25 crops a study"]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| read + decode", "| YOLOv8n detection at 64 px (as trained: BatchNorm, NCHW)",
+        "| YOLOv8n detection at 64 px (as scored: fused, channels-last)",
+        "| of which normalisation + letterbox to 64 px (NumPy/OpenCV)", "| DeepScoreNet, 25 crops a study"]
     for row in rows:
         rate = float(row.split(" | ")[1].split()[0])
         assert rate > 0

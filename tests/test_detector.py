@@ -3,6 +3,7 @@ whole-series inference, selection, hit rates, persistence, DDP loop, and no netw
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -485,6 +486,31 @@ def test_save_load_round_trip(tmp_path):
     ckpt = torch.load(path, weights_only=True)  # no pickled modules
     assert ckpt["nc"] == 10 and ckpt["format"] == D.CHECKPOINT_FORMAT
     json.dumps(ckpt["yaml"])
+
+
+def test_prepare_for_inference_keeps_outputs_and_detections():
+    torch.manual_seed(0)
+    model = D.build_detector(SAGITTAL_T1, imgsz=64)
+    model.train()
+    with torch.no_grad():  # BN running stats off their defaults, so folding them changes weights
+        for _ in range(3):
+            model(torch.rand(4, 3, 64, 64) * 2)
+    model.eval()
+    prepared = D.prepare_for_inference(copy.deepcopy(model))
+    bare = D.unwrap_model(prepared)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bare.modules())
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x), prepared(x)
+    ref, out = (ref[0] if isinstance(ref, (tuple, list)) else ref), (out[0] if isinstance(out, (tuple, list)) else out)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    series = fake_series(SAGITTAL_T1, n=5, rows=70, cols=60)
+    before = D.detect_series(model, series, imgsz=64, conf=0.0, max_det=20)
+    after = D.detect_series(prepared, series, imgsz=64, conf=0.0, max_det=20)
+    assert len(before) == len(after) > 0
+    ref_boxes = np.array(sorted((d.slice_index, d.class_id, -d.confidence, d.x, d.y) for d in before))
+    new_boxes = np.array(sorted((d.slice_index, d.class_id, -d.confidence, d.x, d.y) for d in after))
+    np.testing.assert_allclose(new_boxes, ref_boxes, atol=1e-3)
 
 
 def test_ddp_wrapped_train_and_evaluate(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from lumbar_ray.outputs import part_paths, read_errors, read_predictions
 from lumbar_ray.pipeline import ScoreConfig, run_scoring
@@ -47,7 +48,15 @@ def test_pipeline_end_to_end_and_equal_to_in_process_loop(ray_runtime, synthetic
     from lumbar_ray.scoring import ModelBundle, score_in_process
 
     bundle = ModelBundle.from_registry(f"{trained.registry}@{trained.version}", device="cpu")
-    reference, _ = score_in_process(bundle, str(synthetic_root), ids, split="test")
+    # One torch thread, as in the actors (Ray sets their OMP_NUM_THREADS to their 1 CPU): the
+    # convolutions' float sums depend on how threads split them, which moves a detected point by
+    # ~1e-5 px and a probability by up to ~1e-5 — not a difference between the two paths.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference, _ = score_in_process(bundle, str(synthetic_root), ids, split="test")
+    finally:
+        torch.set_num_threads(threads)
     merged = preds.merge(reference, on="row_id", suffixes=("", "_ref"))
     assert len(merged) == len(reference) == len(preds)
     for col in ("normal_mild", "moderate", "severe"):
