@@ -40,8 +40,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     from lumbar_ray import synth, ultralytics_env
 
     ultralytics_env.configure()
-    from lumbar_ray.detector import (build_detector, detect_series, normalize_volume, prepare_for_inference,
-                                     preprocess_slices)
+    from lumbar_ray.detector import build_detector, detect_series, prepare_for_inference, preprocess_volume
     from lumbar_ray.dicom_io import list_studies, read_study
     from lumbar_ray.scorer import DeepScoreNet, predict_proba
     from lumbar_ray.targets import SERIES_TYPES
@@ -76,7 +75,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
             detect_series(detectors[series[0].series_type], series[0], imgsz=imgsz)  # warm-up
             det_s = timed(lambda x: detect_series(detectors[x.series_type], x, imgsz=imgsz, conf=0.5))
             rows.append((f"YOLOv8n detection at {imgsz} px ({label})", n_slices / det_s, "slices/s", len(ids) / det_s))
-        pre_s = timed(lambda x: preprocess_slices(normalize_volume(x.volume), imgsz))
+        pre_s = timed(lambda x: preprocess_volume(x.volume, imgsz))
         rows.append((f"of which normalisation + letterbox to {imgsz} px (NumPy/OpenCV)", n_slices / pre_s, "slices/s",
                      len(ids) / pre_s))
     net = DeepScoreNet().eval()

@@ -312,6 +312,53 @@ def test_torch_preprocessing_equals_numpy_opencv(shape, imgsz, device):
     assert float(diff.max()) < 2e-3 and float(diff.mean()) < 1e-4
 
 
+@pytest.mark.parametrize("shape, imgsz", [((16, 448, 448), 128), ((5, 352, 300), 256), ((2, 300, 200), 96)])
+def test_fused_numpy_preprocessing_equals_the_two_steps(shape, imgsz):
+    """Scoring's slice-by-slice preprocessing equals normalising the whole volume and then
+    letterboxing it (the training path), and the normalisation is the robust min-max formula."""
+    rng = np.random.default_rng(sum(shape))
+    volume = rng.integers(0, 2000, shape).astype(np.int16)  # DICOM pixels arrive as integers
+    volume[0, :3] = 4000  # a few bright voxels above the 99.5th percentile are clipped
+    vol01 = D.normalize_volume(volume)
+    lo, hi = np.percentile(volume.reshape(-1)[:: D._percentile_step(volume.size)].astype(np.float64), [0.5, 99.5])
+    assert vol01.dtype == np.float32
+    np.testing.assert_allclose(vol01, np.clip((volume - lo) / (hi - lo), 0, 1), atol=1e-6)
+    expected, lb_two = D.preprocess_slices(vol01, imgsz)
+    got, lb_fused = D.preprocess_volume(volume, imgsz)
+    assert lb_fused == lb_two and got.shape == expected.shape == (shape[0], 3, imgsz, imgsz)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_003])
+def test_counted_percentiles_equal_numpy(dtype, n):
+    rng = np.random.default_rng(n)
+    low = -300 if np.dtype(dtype).kind in "if" else 0
+    sample = rng.integers(low, 3000, n).astype(dtype)
+    q = [0.0, 0.5, 25.0, 50.0, 99.5, 100.0]
+    np.testing.assert_array_equal(D.percentiles(sample, q), np.percentile(sample, q))
+    # not integers, NaN, a huge range: NumPy's own percentile
+    fractional = sample.astype(np.float32) + 0.25
+    np.testing.assert_array_equal(D.percentiles(fractional, q), np.percentile(fractional, q))
+    with_nan = sample.astype(np.float32)
+    with_nan[0] = np.nan
+    assert np.isnan(D.percentiles(with_nan, q)).all()
+    wide = sample.astype(np.int64) * 10_000
+    np.testing.assert_array_equal(D.percentiles(wide, q), np.percentile(wide, q))
+
+
+def test_numpy_preprocessing_degenerate_volumes():
+    got, _ = D.preprocess_volume(np.full((3, 40, 50), 7, np.uint16), 64)
+    assert got.shape == (3, 3, 64, 64) and float(got.abs().max()) == 0.0
+    assert float(np.abs(D.normalize_volume(np.full((2, 8, 8), 7.0, np.float32))).max()) == 0.0
+    with_nan = np.random.default_rng(0).normal(size=(2, 40, 50)).astype(np.float32)
+    with_nan[0, :5] = np.nan
+    vol01 = D.normalize_volume(with_nan)
+    assert np.isfinite(vol01).all() and (vol01[0, :5] == 0).all() and vol01.min() >= 0 and vol01.max() <= 1
+    got, _ = D.preprocess_volume(with_nan, 64)
+    np.testing.assert_allclose(got.numpy(), D.preprocess_slices(vol01, 64)[0].numpy(), atol=1e-6)
+
+
 def test_torch_preprocessing_degenerate_volumes():
     flat = np.full((3, 40, 50), 7.0, np.float32)
     got, _ = D.preprocess_volume_torch(flat, 64, "cpu")
