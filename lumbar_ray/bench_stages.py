@@ -7,8 +7,11 @@ RSNA set's 74.6 files and 17.7 MB), then times, in this process with ``--threads
 - read + decode: :func:`lumbar_ray.dicom_io.read_study` over every study, page cache warm;
 - detection: :func:`lumbar_ray.detector.detect_series` over every series of every study at
   ``--imgsz`` (YOLOv8n built from ``yolov8n.yaml``: untrained weights cost the same compute; the
-  confidence threshold is high so NMS does little work, as with a trained model);
-- grading: :func:`lumbar_ray.scorer.predict_proba` of DeepScoreNet on 25 crops a study.
+  confidence threshold is high so NMS does little work, as with a trained model), as trained
+  and as scoring loads it (:func:`lumbar_ray.detector.prepare_for_inference`), and the
+  preprocessing (normalisation + letterbox) alone;
+- grading: :func:`lumbar_ray.scorer.predict_proba` of DeepScoreNet (as scoring loads it) on 25
+  crops a study.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     from lumbar_ray.detector import build_detector, detect_series, prepare_for_inference, preprocess_volume
     from lumbar_ray.dicom_io import list_studies, read_study
     from lumbar_ray.scorer import DeepScoreNet, predict_proba
+    from lumbar_ray.scorer import prepare_for_inference as prepare_scorer_for_inference
     from lumbar_ray.targets import SERIES_TYPES
 
     torch.set_num_threads(args.threads)
@@ -78,7 +82,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
         pre_s = timed(lambda x: preprocess_volume(x.volume, imgsz))
         rows.append((f"of which normalisation + letterbox to {imgsz} px (NumPy/OpenCV)", n_slices / pre_s, "slices/s",
                      len(ids) / pre_s))
-    net = DeepScoreNet().eval()
+    net = prepare_scorer_for_inference(DeepScoreNet().eval())  # as scoring loads it
     crops = np.random.default_rng(0).random((25 * len(ids), 3, 32, 32), dtype=np.float32)
     predict_proba(net, crops[:25])
     t0 = time.perf_counter()

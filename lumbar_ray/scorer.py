@@ -618,6 +618,26 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Scoring-only speed-ups, in place: every Conv2d directly followed by a BatchNorm2d in a
+    Sequential becomes one convolution (eval-mode statistics folded in; the BatchNorm becomes
+    Identity) and the weights are stored channels-last. Same probabilities up to float rounding
+    (tested); about a third faster on this project's CPU. Not for a model that will be trained
+    again."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+                seq[i + 1] = nn.Identity()
+    return model.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
 def predict_proba(
     model: nn.Module,
     crops: np.ndarray | torch.Tensor,

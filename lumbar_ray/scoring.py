@@ -44,6 +44,7 @@ class ModelBundle:
         ultralytics_env.configure()
         from lumbar_ray.detector import load_detector, prepare_for_inference
         from lumbar_ray.scorer import DeepScoreNet
+        from lumbar_ray.scorer import prepare_for_inference as prepare_scorer_for_inference
 
         root, version = parse_model_spec(spec)
         registry = ModelRegistry(root)
@@ -63,7 +64,7 @@ class ModelBundle:
         payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)
         scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
         scorer.load_state_dict(payload["state_dict"])
-        scorer.to(device).eval()
+        scorer = prepare_scorer_for_inference(scorer.to(device).eval())
         return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
                    crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
                    detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -282,3 +283,21 @@ def test_predict_proba(model):
     assert model.training  # mode restored
     assert np.allclose(predict_proba(model, torch.from_numpy(crops), batch_size=8), probs, atol=1e-6)
     assert predict_proba(model, crops[:0]).shape == (0, 3)
+
+
+def test_prepare_for_inference_folds_batchnorm_and_keeps_probabilities():
+    from lumbar_ray.scorer import prepare_for_inference
+
+    torch.manual_seed(0)
+    net = DeepScoreNet()
+    net.train()
+    with torch.no_grad():  # running statistics away from their defaults, so folding changes weights
+        for _ in range(3):
+            net(torch.rand(8, 3, 32, 32) * 3)
+    crops = np.random.default_rng(1).uniform(size=(6, 3, 32, 32)).astype(np.float32)
+    expected = predict_proba(net, crops)
+    prepared = prepare_for_inference(copy.deepcopy(net))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 11  # the original is untouched
+    np.testing.assert_allclose(predict_proba(prepared, crops), expected, atol=1e-5)
+    assert not np.allclose(predict_proba(prepared, crops[::-1].copy()), expected)  # it does look at the crops
