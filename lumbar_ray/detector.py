@@ -406,7 +406,11 @@ def preprocess_volume_torch(
     import torch.nn.functional as F
 
     device = torch.device(device)
-    vol = torch.as_tensor(np.ascontiguousarray(volume, dtype=np.float32)).to(device, non_blocking=True)
+    host = np.ascontiguousarray(volume)
+    if host.dtype not in (np.int16, np.uint8, np.int32, np.float32):
+        host = host.astype(np.float32)
+    # integer volumes (the pipeline ships int16) cross to the device at their own size
+    vol = torch.as_tensor(host).to(device, non_blocking=True).float()
     n, rows, cols = vol.shape
     flat = vol.reshape(-1)
     step = _percentile_step(flat.numel())

@@ -359,6 +359,15 @@ def test_numpy_preprocessing_degenerate_volumes():
     np.testing.assert_allclose(got.numpy(), D.preprocess_slices(vol01, 64)[0].numpy(), atol=1e-6)
 
 
+def test_torch_preprocessing_of_integer_volumes():
+    volume = np.random.default_rng(3).integers(0, 1500, (4, 90, 70)).astype(np.int16)
+    got, _ = D.preprocess_volume_torch(volume, 64, "cpu")
+    as_float, _ = D.preprocess_volume_torch(volume.astype(np.float32), 64, "cpu")
+    assert torch.equal(got, as_float)
+    got_np, _ = D.preprocess_volume(volume, 64)
+    assert torch.equal(got_np, D.preprocess_volume(volume.astype(np.float32), 64)[0])
+
+
 def test_torch_preprocessing_degenerate_volumes():
     flat = np.full((3, 40, 50), 7.0, np.float32)
     got, _ = D.preprocess_volume_torch(flat, 64, "cpu")
