@@ -708,6 +708,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local runtime (default: all)")
     g.add_argument("--num-gpus", type=int, default=0, help="GPUs of the local runtime; > 0 puts the actors on GPUs")
     g.add_argument("--read-cpus", type=float, default=d.read_cpus)
+    g.add_argument("--read-batch-studies", type=int, default=d.read_batch_studies)
     g.add_argument("--detector-pool", type=int, default=None, help="detector actors (default: max(1, --num-gpus))")
     g.add_argument("--detector-cpus", type=float, default=d.detector_cpus)
     g.add_argument("--detector-gpus", type=float, default=None, help="GPU per detector actor (default: 0.75 with GPUs, else 0)")
@@ -734,6 +735,7 @@ def _score_kwargs(args: argparse.Namespace, root: str, models: str) -> dict:
     gpus = args.num_gpus or 0
     return dict(
         input=root, models=models, split=args.split, read_cpus=args.read_cpus,
+        read_batch_studies=args.read_batch_studies,
         detector_pool=args.detector_pool if args.detector_pool is not None else max(1, gpus),
         detector_cpus=args.detector_cpus,
         detector_gpus=args.detector_gpus if args.detector_gpus is not None else (0.75 if gpus else 0.0),
@@ -913,7 +915,8 @@ def table_caption(results: list[Measurement], args: argparse.Namespace, env: dic
     return (f"_{args.size} synthetic studies{shape}; {hw}; torch {env['torch']}, ray {env['ray']}; (b)/(c) on "
             f"{device} with {threads} torch thread(s); (a) {kw['detector_pool']} detector actor(s) x "
             f"{kw['detector_cpus']:g} CPU / {kw['detector_gpus']:g} GPU, {kw['scorer_pool']} scorer actor(s) x "
-            f"{kw['scorer_cpus']:g} CPU / {kw['scorer_gpus']:g} GPU, slice batch {kw['slice_batch']}"
+            f"{kw['scorer_cpus']:g} CPU / {kw['scorer_gpus']:g} GPU, read tasks of {kw['read_cpus']:g} CPU x "
+            f"{kw['read_batch_studies']} studies, slice batch {kw['slice_batch']}"
             f"{f'; median of {args.repeat} interleaved rounds' if args.repeat > 1 else ''}. "
             f"Command: `{command}`_")
 

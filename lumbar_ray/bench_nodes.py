@@ -106,9 +106,10 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     scratch = tempfile.mkdtemp(prefix="lumbar-ray-bench-nodes-")
     try:
         for k in range(1, args.nodes + 1):
-            # read_cpus = detector_cpus: Ray Data then fuses the read into the detector actor (a
-            # separate read task would need CPU the nodes do not have left)
-            kw = dict(input=root, models=models, split=args.split, read_cpus=args.detector_cpus, detector_pool=k,
+            # read_cpus = detector_cpus, one study a read: Ray Data then fuses the read into the
+            # detector actor (a separate read task would need CPU the nodes do not have left)
+            kw = dict(input=root, models=models, split=args.split, read_cpus=args.detector_cpus,
+                      read_batch_studies=1, detector_pool=k,
                       detector_cpus=args.detector_cpus, detector_gpus=0.0, scorer_pool=1, scorer_cpus=args.scorer_cpus,
                       scorer_gpus=0.0, slice_batch=args.slice_batch)
             echo(f"[bench-nodes] {k} node(s) x {args.cpus_per_node:g} CPU, {k} detector actor(s): "

@@ -37,6 +37,11 @@ class ScoreConfig:
     # 80 studies, 3 rounds each: 16.2-16.4 s vs 17.5-17.8 s fused). On a GPU node, where decode
     # tasks would crowd the detector actors' host work, give them a whole CPU (--read-cpus 1).
     read_cpus: float = 0.5
+    # Studies per read task (each still its own row downstream). Why: a read task costs Ray a
+    # scheduling round trip that, on 2 busy cores, took longer than reading one small study
+    # (80 one-study tasks: reads delivered 6.4 studies/s and kept the detector actor waiting;
+    # 20 four-study tasks: 10.8 studies/s, run 16.2 -> 14.3 s).
+    read_batch_studies: int = 4
     detector_pool: int = 1
     detector_gpus: float = 0.0
     detector_cpus: float = 1.0
@@ -104,6 +109,12 @@ def _read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame
         item = StudyItem(study_id, error={"study_id": study_id, "series_id": None, "stage": "read",
                                           "error_type": type(exc).__name__, "message": str(exc)[:1000]})
     return {"study_id": study_id, "item": item}
+
+
+def _read_study_rows(batch: dict[str, np.ndarray], root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
+    """A read task over several studies: one row (and one StudyItem) per study, as above."""
+    rows = [_read_study_row({"study_id": s}, root, split, descriptions) for s in batch["study_id"]]
+    return {"study_id": np.array([r["study_id"] for r in rows]), "item": _objects([r["item"] for r in rows])}
 
 
 class DetectStage:
@@ -186,8 +197,12 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
     from lumbar_ray.storage import ray_remote_args_with_storage_env
 
     ds = ray.data.from_items([{"study_id": s} for s in study_ids], override_num_blocks=max(1, len(study_ids)))
-    ds = ds.map(_read_study_row, fn_kwargs={"root": cfg.input, "split": cfg.split, "descriptions": descriptions},
-                num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
+    read_kwargs = {"root": cfg.input, "split": cfg.split, "descriptions": descriptions}
+    if cfg.read_batch_studies > 1:
+        ds = ds.map_batches(_read_study_rows, fn_kwargs=read_kwargs, batch_size=cfg.read_batch_studies,
+                            batch_format="numpy", num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
+    else:
+        ds = ds.map(_read_study_row, fn_kwargs=read_kwargs, num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
     ds = ds.map_batches(DetectStage, fn_constructor_kwargs={"models": cfg.models, "slice_batch": cfg.slice_batch},
                         compute=ray.data.ActorPoolStrategy(size=cfg.detector_pool), num_gpus=cfg.detector_gpus,
                         num_cpus=cfg.detector_cpus, batch_size=cfg.detector_batch_studies, batch_format="numpy",

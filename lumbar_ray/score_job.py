@@ -26,6 +26,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--scorer-cpus", type=float, default=d.scorer_cpus)
     p.add_argument("--scorer-batch-studies", type=int, default=d.scorer_batch_studies)
     p.add_argument("--read-cpus", type=float, default=d.read_cpus, help="CPUs per read/decode task")
+    p.add_argument("--read-batch-studies", type=int, default=d.read_batch_studies, help="studies per read task")
     p.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward pass")
     p.add_argument("--flush-studies", type=int, default=d.flush_studies, help="studies per Parquet part file")
     p.add_argument("--buffer-mb", type=float, default=d.buffer_mb,
@@ -40,7 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(
         input=args.input, models=args.models, out=args.out, split=args.split, run_id=args.run_id,
-        read_cpus=args.read_cpus, detector_pool=args.detector_pool, detector_gpus=args.detector_gpus,
+        read_cpus=args.read_cpus, read_batch_studies=args.read_batch_studies, detector_pool=args.detector_pool, detector_gpus=args.detector_gpus,
         detector_cpus=args.detector_cpus, detector_batch_studies=args.detector_batch_studies,
         scorer_pool=args.scorer_pool, scorer_gpus=args.scorer_gpus, scorer_cpus=args.scorer_cpus,
         scorer_batch_studies=args.scorer_batch_studies, slice_batch=args.slice_batch,

@@ -153,7 +153,10 @@ def test_scoring_from_and_to_s3_equals_local(ray_runtime, synthetic_root, traine
 def test_killed_run_keeps_what_it_wrote_and_rerun_adds_no_duplicates(synthetic_root, trained, tmp_path):
     out = tmp_path / "scores"
     cmd = [sys.executable, str(REPO / "jobs" / "score.py"), "--input", str(synthetic_root), "--models",
-           str(trained.registry), "--out", str(out), "--split", "test", "--flush-studies", "1", "--scorer-batch-studies", "1", "--num-cpus", "2"]
+           str(trained.registry), "--out", str(out), "--split", "test", "--flush-studies", "1", "--scorer-batch-studies", "1",
+           # one study a read, so that studies reach the output one by one and the kill can land
+           # between them (with 4 a read, all 6 can arrive in one burst)
+           "--read-batch-studies", "1", "--num-cpus", "2"]
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     ids = _test_ids(synthetic_root)
     logs = []
