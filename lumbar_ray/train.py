@@ -15,11 +15,13 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -493,6 +495,26 @@ def detector_metrics(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def best_folds(det_table: pd.DataFrame, scorer_per_fold: pd.DataFrame, fold_ids: Sequence[int]) -> dict[str, int]:
+    """Without a final all-studies fit, which fold's model each job ships: the one that
+    validated best on its own held-out fold — detectors by the share of targets on the right
+    instance within 5 mm, DeepScoreNet by the RSNA score (lower is better); ties and missing
+    metrics go to the lowest fold. Why: a fold model can collapse on a small training set (the
+    demo's canal detector found nothing on one of its two folds) and shipping fold 0 regardless
+    scored every study with it."""
+    chosen: dict[str, int] = {}
+    if not det_table.empty:
+        rows = det_table[det_table["fold"] != "all"]
+        for job, part in rows.groupby("detector"):
+            rate = {int(f): float(v) for f, v in zip(part["fold"], part["within_5mm"]) if pd.notna(v)}
+            chosen[job] = max(fold_ids, key=lambda f: (rate.get(f, -1.0), -f))
+    if not scorer_per_fold.empty:
+        part = scorer_per_fold[scorer_per_fold["model"] == "deepscorenet"]
+        score = {int(f): float(v) for f, v in zip(part["fold"], part["rsna_score"]) if pd.notna(v)}
+        chosen[SCORER] = min(fold_ids, key=lambda f: (score.get(f, math.inf), f))
+    return chosen
+
+
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> TrainingOutcome:
     """Cross-validate, fit the final models and publish a registry version. Needs ``ray.init``."""
     import ray
@@ -537,19 +559,11 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
     files: dict[str, Path] = {}
     fold_ids = sorted(folds_frame["fold"].unique().tolist())
     cv_dirs = lambda job: [f"{artifacts}/{job}/{_fold_name(f)}" for f in fold_ids]  # noqa: E731
-    shipped_fold = ALL_FOLDS if cfg.final_fit else fold_ids[0]
     report_lines = [f"lumbar-ray training run {version}", ""]
     table = pd.DataFrame()
     per_fold = pd.DataFrame()
     det_table = pd.DataFrame()
     metrics_card: dict[str, Any] = {}
-    for job in cfg.jobs():
-        from lumbar_ray.storage import filesystem_for
-
-        fs, src = filesystem_for(f"{artifacts}/{job}/{_fold_name(shipped_fold)}/{weights_file(job)}")
-        local = out_dir / weights_file(job)
-        fs.get_file(src, str(local))
-        files[weights_file(job)] = local
     if SCORER in cfg.jobs():
         oof = _read_parquets(cv_dirs(SCORER), OOF_FILE)
         table, per_fold = scorer_metrics(oof, labels, folds_frame)
@@ -575,6 +589,21 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
                               "in-plane; *_3d: within 5/10 mm of the labelled point in patient space):"),
                              det_table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), ""]
         metrics_card["detectors"] = det_table.to_dict(orient="records")
+    from lumbar_ray.storage import filesystem_for
+
+    if cfg.final_fit:
+        shipped = {job: ALL_FOLDS for job in cfg.jobs()}
+    else:
+        best = best_folds(det_table, per_fold, fold_ids)
+        shipped = {job: best.get(job, fold_ids[0]) for job in cfg.jobs()}
+        echo("[train] no final fit: shipping each model's best-validated fold: "
+             + ", ".join(f"{job} {_fold_name(f)}" for job, f in shipped.items()))
+    for job, fold in shipped.items():
+        fs, src = filesystem_for(f"{artifacts}/{job}/{_fold_name(fold)}/{weights_file(job)}")
+        local = out_dir / weights_file(job)
+        fs.get_file(src, str(local))
+        files[weights_file(job)] = local
+    shipped_names = {job: _fold_name(fold) for job, fold in shipped.items()}
     folds_frame.to_parquet(out_dir / "folds.parquet", index=False)
     files["folds.parquet"] = out_dir / "folds.parquet"
     report = "\n".join(report_lines)
@@ -597,7 +626,10 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
                           for j in det_jobs},
         },
         "models": {j: weights_file(j) for j in cfg.jobs()},
-        "shipped_fold": _fold_name(shipped_fold),
+        # one fold name when every model ships the same fold (the all-studies fit), else "per model"
+        "shipped_fold": (next(iter(shipped_names.values())) if len(set(shipped_names.values())) == 1
+                         else "per model"),
+        "shipped_folds": shipped_names,
         "data": {"root": cfg.data, "split": cfg.split, "n_studies": int(labels["study_id"].nunique()),
                  "excluded_studies": sorted(int(s) for s in cfg.exclude_studies),
                  "n_labelled_points": int(len(points)), "fingerprint": data_fingerprint(cfg.data, cfg.split)},

@@ -26,7 +26,11 @@ def test_folds_are_disjoint_by_study_and_oof_matches_them(trained):
     assert (oof["study_id"].map(fold_of) == oof["fold"]).all()
     # Each study is predicted by exactly one fold model.
     assert (oof.groupby("study_id")["fold"].nunique() == 1).all()
-    assert registry.manifest(trained.version)["shipped_fold"] == "fold0"
+    manifest = registry.manifest(trained.version)
+    # no final fit here: each model ships the fold that validated best on its own held-out fold
+    assert set(manifest["shipped_folds"]) == set(manifest["models"])
+    assert set(manifest["shipped_folds"].values()) <= {"fold0", "fold1"}
+    assert manifest["shipped_fold"] in {"fold0", "fold1", "per model"}
 
 
 def test_folds_ran_concurrently(trained):
@@ -55,6 +59,18 @@ def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
     assert n.nunique() == 1 and n.iloc[0] > 0
     assert "detector_sagittal_t2_stir" in set(trained.detector_table["detector"])
     assert {"within_5mm", "within_5mm_3d"} <= set(trained.detector_table.columns)
+
+
+def test_best_folds_pick_each_models_best_validated_fold():
+    from lumbar_ray.train import best_folds
+
+    det = pd.DataFrame({"detector": ["a", "a", "a", "b", "b", "b"], "fold": ["0", "1", "all"] * 2,
+                        "within_5mm": [0.0, 0.39, 0.2, 0.9, 0.9, 0.9]})
+    scorer = pd.DataFrame({"model": ["deepscorenet", "deepscorenet", "baseline_prior", "baseline_prior"],
+                           "fold": [0, 1, 0, 1], "rsna_score": [0.61, 0.58, 0.1, 0.1]})
+    # a collapsed fold 0 loses; a tie goes to the lower fold; the baselines do not count
+    assert best_folds(det, scorer, [0, 1]) == {"a": 1, "b": 0, SCORER: 1}
+    assert best_folds(pd.DataFrame(), pd.DataFrame(), [0, 1]) == {}
 
 
 def test_detector_metrics_in_plane_and_in_patient_space():
