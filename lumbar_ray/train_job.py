@@ -29,7 +29,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--crop-mm", type=float, default=ScorerConfig.crop_mm,
                    help="scorer crop side in mm, resampled to 32 px (0: 32 pixels, as in the paper)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-final-fit", action="store_true", help="ship fold 0's models instead of a fit on all studies")
+    p.add_argument("--no-final-fit", action="store_true", help="ship each model's best-validated fold instead of a fit on all studies")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per training worker")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each (model, fold) trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
