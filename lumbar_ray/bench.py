@@ -674,9 +674,8 @@ def _fresh_process(fn_name: str, *args, isolate: bool = True, **kwargs):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from lumbar_ray.pipeline import ScoreConfig
+    from lumbar_ray.pipeline import add_resource_args
 
-    d = ScoreConfig(input="", models="", out="")
     p = argparse.ArgumentParser(
         prog="python -m lumbar_ray.bench", add_help=add_help,
         description="Benchmark: (a) the Ray pipeline vs (b) the paper-style per-slice loop vs (c) the detectors "
@@ -707,20 +706,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local runtime)")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local runtime (default: all)")
     g.add_argument("--num-gpus", type=int, default=0, help="GPUs of the local runtime; > 0 puts the actors on GPUs")
-    g.add_argument("--read-cpus", type=float, default=d.read_cpus)
-    g.add_argument("--read-batch-studies", type=int, default=d.read_batch_studies)
-    g.add_argument("--detector-pool", type=int, default=None, help="detector actors (default: max(1, --num-gpus))")
-    g.add_argument("--detector-cpus", type=float, default=d.detector_cpus)
-    g.add_argument("--detector-gpus", type=float, default=None, help="GPU per detector actor (default: 0.75 with GPUs, else 0)")
-    g.add_argument("--detector-batch-studies", type=int, default=d.detector_batch_studies)
-    g.add_argument("--scorer-pool", type=int, default=d.scorer_pool)
-    g.add_argument("--scorer-cpus", type=float, default=d.scorer_cpus)
-    g.add_argument("--scorer-gpus", type=float, default=None, help="GPU per scorer actor (default: 0.25 with GPUs, else 0)")
-    g.add_argument("--scorer-batch-studies", type=int, default=d.scorer_batch_studies)
-    g.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward, (a) and (c)")
-    g.add_argument("--flush-studies", type=int, default=d.flush_studies)
-    g.add_argument("--buffer-mb", type=float, default=d.buffer_mb,
-                   help="object-store MiB between stages (0 = Ray Data's default share)")
+    add_resource_args(g, defaults={"detector_pool": None, "detector_gpus": None, "scorer_gpus": None},
+                      helps={"detector_pool": "detector actors (default: max(1, --num-gpus))",
+                             "detector_gpus": "GPU per detector actor (default: 0.75 with GPUs, else 0)",
+                             "scorer_gpus": "GPU per scorer actor (default: 0.25 with GPUs, else 0)",
+                             "slice_batch": "slices per detector forward, (a) and (c)"})
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of (b), (c), (a), interleaved; the table shows each path's median-time round and "
                         "the highest memory peak of all rounds")
@@ -732,19 +722,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _score_kwargs(args: argparse.Namespace, root: str, models: str) -> dict:
+    from lumbar_ray.pipeline import resource_kwargs
+
     gpus = args.num_gpus or 0
-    return dict(
-        input=root, models=models, split=args.split, read_cpus=args.read_cpus,
-        read_batch_studies=args.read_batch_studies,
-        detector_pool=args.detector_pool if args.detector_pool is not None else max(1, gpus),
-        detector_cpus=args.detector_cpus,
-        detector_gpus=args.detector_gpus if args.detector_gpus is not None else (0.75 if gpus else 0.0),
-        detector_batch_studies=args.detector_batch_studies, scorer_pool=args.scorer_pool,
-        scorer_cpus=args.scorer_cpus,
-        scorer_gpus=args.scorer_gpus if args.scorer_gpus is not None else (0.25 if gpus else 0.0),
-        scorer_batch_studies=args.scorer_batch_studies, slice_batch=args.slice_batch,
-        flush_studies=args.flush_studies, buffer_mb=args.buffer_mb,
-    )
+    kw = resource_kwargs(args)
+    auto = {"detector_pool": max(1, gpus), "detector_gpus": 0.75 if gpus else 0.0, "scorer_gpus": 0.25 if gpus else 0.0}
+    kw.update({name: value for name, value in auto.items() if kw[name] is None})
+    return dict(input=root, models=models, split=args.split, **kw)
 
 
 def _prepare_data(args: argparse.Namespace, n_total: int, echo) -> tuple[str, list[str]]:

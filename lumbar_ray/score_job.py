@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lumbar_ray.pipeline import ScoreConfig
+from lumbar_ray.pipeline import ScoreConfig, add_resource_args, resource_kwargs
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -17,20 +17,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output root for predictions/ and errors/ Parquet (local or s3://…)")
     p.add_argument("--split", default=d.split, help="which {split}_images folder to score")
     p.add_argument("--run-id", default=None)
-    p.add_argument("--detector-pool", type=int, default=d.detector_pool, help="detector actors")
-    p.add_argument("--detector-gpus", type=float, default=d.detector_gpus, help="GPUs per detector actor (0 = CPU)")
-    p.add_argument("--detector-cpus", type=float, default=d.detector_cpus)
-    p.add_argument("--detector-batch-studies", type=int, default=d.detector_batch_studies)
-    p.add_argument("--scorer-pool", type=int, default=d.scorer_pool, help="DeepScoreNet actors")
-    p.add_argument("--scorer-gpus", type=float, default=d.scorer_gpus, help="GPUs per scorer actor (0 = CPU)")
-    p.add_argument("--scorer-cpus", type=float, default=d.scorer_cpus)
-    p.add_argument("--scorer-batch-studies", type=int, default=d.scorer_batch_studies)
-    p.add_argument("--read-cpus", type=float, default=d.read_cpus, help="CPUs per read/decode task")
-    p.add_argument("--read-batch-studies", type=int, default=d.read_batch_studies, help="studies per read task")
-    p.add_argument("--slice-batch", type=int, default=d.slice_batch, help="slices per detector forward pass")
-    p.add_argument("--flush-studies", type=int, default=d.flush_studies, help="studies per Parquet part file")
-    p.add_argument("--buffer-mb", type=float, default=d.buffer_mb,
-                   help="object-store MiB for blocks between stages (0 = Ray Data's default share)")
+    add_resource_args(p)
     p.add_argument("--limit", type=int, default=None, help="score at most this many (new) studies")
     p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
@@ -39,14 +26,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
-    return ScoreConfig(
-        input=args.input, models=args.models, out=args.out, split=args.split, run_id=args.run_id,
-        read_cpus=args.read_cpus, read_batch_studies=args.read_batch_studies, detector_pool=args.detector_pool, detector_gpus=args.detector_gpus,
-        detector_cpus=args.detector_cpus, detector_batch_studies=args.detector_batch_studies,
-        scorer_pool=args.scorer_pool, scorer_gpus=args.scorer_gpus, scorer_cpus=args.scorer_cpus,
-        scorer_batch_studies=args.scorer_batch_studies, slice_batch=args.slice_batch,
-        flush_studies=args.flush_studies, buffer_mb=args.buffer_mb, limit=args.limit, retry_errors=args.retry_errors,
-    )
+    return ScoreConfig(input=args.input, models=args.models, out=args.out, split=args.split, run_id=args.run_id,
+                       limit=args.limit, retry_errors=args.retry_errors, **resource_kwargs(args))
 
 
 def main(args: argparse.Namespace) -> int:

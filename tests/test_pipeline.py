@@ -25,3 +25,30 @@ def test_pack_volumes_is_lossless_or_leaves_the_volume_alone():
         assert study.series[name].volume.dtype == np.float32, name
     np.testing.assert_array_equal(study.series["fractional"].volume, fractional)
     assert study.series["already"].volume.dtype == np.int16
+
+
+def test_score_job_and_bench_share_the_resource_flags():
+    from lumbar_ray import bench, score_job
+    from lumbar_ray.pipeline import RESOURCE_FIELDS, ScoreConfig
+
+    flags = ["--read-cpus", "0.25", "--read-batch-studies", "2", "--detector-pool", "3", "--detector-cpus", "2",
+             "--detector-gpus", "0.5", "--detector-batch-studies", "2", "--scorer-pool", "2", "--scorer-cpus", "1",
+             "--scorer-gpus", "0.125", "--scorer-batch-studies", "8", "--slice-batch", "16", "--flush-studies", "4",
+             "--buffer-mb", "512"]
+    expected = dict(read_cpus=0.25, read_batch_studies=2, detector_pool=3, detector_cpus=2.0, detector_gpus=0.5,
+                    detector_batch_studies=2, scorer_pool=2, scorer_cpus=1.0, scorer_gpus=0.125, scorer_batch_studies=8,
+                    slice_batch=16, flush_studies=4, buffer_mb=512.0)
+    assert set(expected) == set(RESOURCE_FIELDS)
+    cfg = score_job.config_from_args(score_job.get_args_parser().parse_args(
+        ["--input", "in", "--models", "reg", "--out", "out", *flags]))
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert bench._score_kwargs(bench.get_args_parser().parse_args(flags), "in", "reg") == \
+        dict(input="in", models="reg", split="test", **expected)
+    # unset GPU flags: the bench decides them from --num-gpus, the job keeps ScoreConfig's
+    defaults = ScoreConfig(input="", models="", out="")
+    on_gpu = bench._score_kwargs(bench.get_args_parser().parse_args(["--num-gpus", "1"]), "in", "reg")
+    assert (on_gpu["detector_pool"], on_gpu["detector_gpus"], on_gpu["scorer_gpus"]) == (1, 0.75, 0.25)
+    on_cpu = bench._score_kwargs(bench.get_args_parser().parse_args([]), "in", "reg")
+    assert (on_cpu["detector_gpus"], on_cpu["scorer_gpus"], on_cpu["read_cpus"]) == (0.0, 0.0, defaults.read_cpus)
+    job = score_job.config_from_args(score_job.get_args_parser().parse_args(["--input", "i", "--models", "m", "--out", "o"]))
+    assert {k: getattr(job, k) for k in RESOURCE_FIELDS} == {k: getattr(defaults, k) for k in RESOURCE_FIELDS}
