@@ -1258,14 +1258,6 @@ def _slice_spacing(series) -> float:
     return float(getattr(series, "slice_thickness", 1.0) or 1.0)
 
 
-def _patient_point(series, slice_index: int, x: float, y: float) -> np.ndarray:
-    """Patient point (mm) of pixel (x = column, y = row) on a slice (as Series.pixel_to_patient,
-    for any object with positions, orientation and pixel_spacing)."""
-    o = np.asarray(series.orientation, dtype=np.float64)
-    row_mm, col_mm = float(series.pixel_spacing[0]), float(series.pixel_spacing[1])
-    return np.asarray(series.positions[int(slice_index)], dtype=np.float64) + x * col_mm * o[:3] + y * row_mm * o[3:]
-
-
 def detector_hit_rates(
     selected: Mapping[int, Detection | None],
     coords,
@@ -1318,8 +1310,8 @@ def detector_hit_rates(
         else:
             right = k is not None and abs(along[det.slice_index] - along[k]) <= slice_tolerance_mm
         dist = math.hypot((det.x - float(x)) * col_mm, (det.y - float(y)) * row_mm)
-        dist_3d = (float(np.linalg.norm(_patient_point(series, det.slice_index, det.x, det.y)
-                                        - _patient_point(series, k, float(x), float(y))))
+        dist_3d = (float(np.linalg.norm(series.pixel_to_patient(det.slice_index, det.x, det.y)
+                                        - series.pixel_to_patient(k, float(x), float(y))))
                    if k is not None else math.inf)
         rec.update(det_instance_number=det.instance_number, det_x=det.x, det_y=det.y, confidence=det.confidence,
                    right_slice=right, dist_mm=dist, dist_3d_mm=dist_3d)

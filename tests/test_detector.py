@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lumbar_ray import detector as D
+from lumbar_ray.dicom_io import Series
 from lumbar_ray.targets import (
     AXIAL_T2,
     SAGITTAL_T1,
@@ -55,6 +56,8 @@ class FakeSeries:
     slice_thickness: float = 4.0
     slice_spacing: float = 4.0
     plane: str = "sagittal"
+
+    pixel_to_patient = Series.pixel_to_patient  # the real geometry, not a copy of it
 
     def index_of_instance(self, instance_number: int) -> int:
         hits = np.flatnonzero(self.instance_numbers == instance_number)
