@@ -154,10 +154,11 @@ def _read_study_rows(batch: dict[str, np.ndarray], root: str, split: str, descri
 
 
 class DetectStage:
-    """Actor: loads the three detectors once; all slices of a series go in batched passes."""
+    """Actor: loads the three detectors once (not DeepScoreNet); all slices of a series go in
+    batched passes."""
 
     def __init__(self, models: str, slice_batch: int = 32):
-        self.bundle = scoring.ModelBundle.from_registry(models)
+        self.bundle = scoring.ModelBundle.from_registry(models, parts=("detectors",))
         self.slice_batch = slice_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -175,10 +176,11 @@ class DetectStage:
 
 
 class ScoreStage:
-    """Actor: loads DeepScoreNet once; grades the crops of a batch of studies in one pass."""
+    """Actor: loads DeepScoreNet once (not the detectors: no Ultralytics import); grades the
+    crops of a batch of studies in one pass."""
 
     def __init__(self, models: str, run_id: str):
-        self.bundle = scoring.ModelBundle.from_registry(models)
+        self.bundle = scoring.ModelBundle.from_registry(models, parts=("scorer",))
         self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,13 +18,17 @@ from lumbar_ray.targets import LEVELS, PROBABILITY_COLUMNS, SERIES_TYPES, TARGET
 log = logging.getLogger(__name__)
 
 
+# What a ModelBundle can hold; pipeline stages load only their own part.
+MODEL_PARTS = ("detectors", "scorer")
+
+
 @dataclass
 class ModelBundle:
     """The models of one registry version, loaded once (per actor)."""
 
     version: str
     detectors: dict[str, Any]  # series type -> detector module (eval mode)
-    scorer: Any  # DeepScoreNet (eval mode)
+    scorer: Any  # DeepScoreNet (eval mode); None when loaded without it
     channels: str
     crop_mm: float | None
     priors: dict[str, list[float]]  # target column -> class prior, for targets with no detection
@@ -32,20 +36,24 @@ class ModelBundle:
     detector_conf: float = 0.01
 
     @classmethod
-    def from_registry(cls, spec: str, device: str | None = None, cache_dir: str | None = None) -> "ModelBundle":
+    def from_registry(cls, spec: str, device: str | None = None, cache_dir: str | None = None,
+                      parts: Sequence[str] = MODEL_PARTS) -> "ModelBundle":
         """Load ``REGISTRY[@version]`` (default: the champion); every weight file's sha256 is
-        checked against the manifest before it is loaded."""
+        checked against the manifest before it is loaded.
+
+        ``parts`` picks what is built: ``("detectors",)`` for a detection stage (the scorer's
+        crop settings are still read), ``("scorer",)`` for a grading stage (``detectors`` stays
+        empty and Ultralytics is never imported). Why: each pipeline actor pays for what it
+        loads in start-up time, on every run, and on a small machine the stages start together.
+        """
         import torch
 
-        from lumbar_ray import ultralytics_env
         from lumbar_ray.config import SCORER, detector_job
         from lumbar_ray.registry import ModelRegistry, parse_model_spec
 
-        ultralytics_env.configure()
-        from lumbar_ray.detector import load_detector, prepare_for_inference
-        from lumbar_ray.scorer import DeepScoreNet
-        from lumbar_ray.scorer import prepare_for_inference as prepare_scorer_for_inference
-
+        unknown = set(parts) - set(MODEL_PARTS)
+        if unknown or not parts:
+            raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, not {tuple(parts)!r}")
         root, version = parse_model_spec(spec)
         registry = ModelRegistry(root)
         version = registry.resolve(version)
@@ -54,17 +62,29 @@ class ModelBundle:
         local = Path(cache_dir or tempfile.mkdtemp(prefix="lumbar-ray-models-")) / version
         models = manifest.get("models", {})
         detectors = {}
-        for series_type in SERIES_TYPES:
-            name = models.get(detector_job(series_type))
-            if name:
-                detectors[series_type] = prepare_for_inference(
-                    load_detector(registry.fetch(version, name, local), device=device))
+        if "detectors" in parts:
+            from lumbar_ray import ultralytics_env
+
+            ultralytics_env.configure()
+            from lumbar_ray.detector import load_detector, prepare_for_inference
+
+            for series_type in SERIES_TYPES:
+                name = models.get(detector_job(series_type))
+                if name:
+                    detectors[series_type] = prepare_for_inference(
+                        load_detector(registry.fetch(version, name, local), device=device))
         if SCORER not in models:
             raise ValueError(f"registry version {version} has no scorer")
+        # The scorer's file also carries the crop settings, which detection needs for its crops.
         payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)
-        scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
-        scorer.load_state_dict(payload["state_dict"])
-        scorer = prepare_scorer_for_inference(scorer.to(device).eval())
+        scorer = None
+        if "scorer" in parts:
+            from lumbar_ray.scorer import DeepScoreNet
+            from lumbar_ray.scorer import prepare_for_inference as prepare_scorer_for_inference
+
+            scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
+            scorer.load_state_dict(payload["state_dict"])
+            scorer = prepare_scorer_for_inference(scorer.to(device).eval())
         return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
                    crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
                    detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)))
@@ -195,6 +215,8 @@ def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int = 512) -
 
     if len(crops) == 0:
         return np.zeros((0, len(PROBABILITY_COLUMNS)), np.float32)
+    if bundle.scorer is None:
+        raise RuntimeError(f"model bundle {bundle.version} was loaded without its scorer (parts=('detectors',))")
     return predict_proba(bundle.scorer, crops, batch_size=batch_size, device=bundle.device)
 
 

@@ -73,6 +73,42 @@ def test_pipeline_end_to_end_and_equal_to_in_process_loop(ray_runtime, synthetic
     assert len(read_predictions(str(out))) == len(preds)
 
 
+def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, trained):
+    """The detector actors load no DeepScoreNet and the scorer actors no detector (nor
+    Ultralytics): together they give what the whole bundle gives."""
+    from lumbar_ray.dicom_io import read_study
+    from lumbar_ray.scoring import ModelBundle, detect_study, grade_crops
+
+    spec = f"{trained.registry}@{trained.version}"
+    whole = ModelBundle.from_registry(spec, device="cpu")
+    detect_part = ModelBundle.from_registry(spec, device="cpu", parts=("detectors",))
+    score_part = ModelBundle.from_registry(spec, device="cpu", parts=("scorer",))
+    assert detect_part.scorer is None and set(detect_part.detectors) == set(whole.detectors)
+    assert score_part.detectors == {} and score_part.scorer is not None
+    assert (detect_part.channels, detect_part.crop_mm) == (whole.channels, whole.crop_mm)
+    assert score_part.priors == whole.priors and score_part.version == whole.version
+
+    study = read_study(str(synthetic_root), _test_ids(synthetic_root)[0], split="test")
+    expected = detect_study(whole, study)
+    got = detect_study(detect_part, study)
+    assert [h.detected for h in got.hits] == [h.detected for h in expected.hits]
+    np.testing.assert_array_equal(got.crops, expected.crops)
+    assert len(got.crops), "the tiny test models should detect something in a test study"
+    np.testing.assert_array_equal(grade_crops(score_part, got.crops), grade_crops(whole, expected.crops))
+    with pytest.raises(RuntimeError, match="without its scorer"):
+        grade_crops(detect_part, got.crops)
+    with pytest.raises(ValueError, match="parts"):
+        ModelBundle.from_registry(spec, parts=("scorer", "tokenizer"))
+
+    # In a fresh process (as in a scorer actor), loading the scorer imports no Ultralytics.
+    code = ("import sys; from lumbar_ray.scoring import ModelBundle; "
+            f"ModelBundle.from_registry({spec!r}, device='cpu', parts=('scorer',)); "
+            "print('ultralytics' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_buffer_cap_reaches_this_dataset_only(ray_runtime):
     import ray
 
