@@ -2,7 +2,8 @@
 core — a benchmark, not a test. The inputs of the scale arithmetic in the README.
 
 Synthesizes (once) ``--studies`` full-size studies (about 75 DICOM files, 19 MB a study, like the
-RSNA set's 74.6 files and 17.7 MB), then times, in this process with ``--threads`` torch threads:
+RSNA set's 74.6 files and 17.7 MB), or takes the first ``--studies`` of ``--data``, then times,
+in this process with ``--threads`` torch threads, the models on ``--device``:
 
 - read + decode: :func:`lumbar_ray.dicom_io.read_study` over every study, page cache warm;
 - detection: :func:`lumbar_ray.detector.detect_series` over every series of every study at
@@ -11,7 +12,10 @@ RSNA set's 74.6 files and 17.7 MB), then times, in this process with ``--threads
   and as scoring loads it (:func:`lumbar_ray.detector.prepare_for_inference`), and the
   preprocessing (normalisation + letterbox) alone;
 - grading: :func:`lumbar_ray.scorer.predict_proba` of DeepScoreNet (as scoring loads it) on 25
-  crops a study.
+  crops a study;
+- with ``--models``: a trained bundle's :func:`lumbar_ray.scoring.detect_study` step by step
+  (preprocess, forward, NMS, boxes, selection + crops; the device synchronised at each step) and
+  the grading of its real crops. The as-scored YOLOv8n gets the same step split.
 """
 
 from __future__ import annotations
@@ -30,9 +34,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("small", "full"), default="full")
     p.add_argument("--imgsz", type=int, action="append", default=None, help="detector input size(s) (default: 256)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
+    p.add_argument("--models", default=None,
+                   help="REGISTRY[@version]: also profile that bundle's trained detectors step by step "
+                        "(scoring.detect_study: its detections, selection and crops are the real ones)")
     p.add_argument("--repeat", type=int, default=3, help="passes over the studies per timing")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--workdir", default="work/bench")
+    p.add_argument("--data", default=None,
+                   help="a data root (Kaggle layout) to take the first --studies test studies from, instead of "
+                        "synthesizing them under --workdir")
     return p
 
 
@@ -50,12 +61,18 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     from lumbar_ray.targets import SERIES_TYPES
 
     torch.set_num_threads(args.threads)
-    root = Path(args.workdir) / f"stages-{args.size}-seed{args.seed}-n{args.studies}"
-    if not (root / "test_series_descriptions.csv").exists():
-        synth.synthesize(str(root), n_studies=args.studies, seed=args.seed, split="test", size=args.size, workers=1)
-    ids = list_studies(str(root), split="test")
-    files = sum(1 for _ in (root / "test_images").rglob("*.dcm"))
-    mb = sum(f.stat().st_size for f in (root / "test_images").rglob("*.dcm")) / 2**20
+    if args.data:
+        root = Path(args.data)
+    else:
+        root = Path(args.workdir) / f"stages-{args.size}-seed{args.seed}-n{args.studies}"
+        if not (root / "test_series_descriptions.csv").exists():
+            synth.synthesize(str(root), n_studies=args.studies, seed=args.seed, split="test", size=args.size, workers=1)
+    ids = list_studies(str(root), split="test")[: args.studies]
+    if not ids:
+        raise SystemExit(f"{root} holds no test studies")
+    dcm = [f for s in ids for f in (root / "test_images" / str(s)).rglob("*.dcm")]
+    files = len(dcm)
+    mb = sum(f.stat().st_size for f in dcm) / 2**20
     studies = [read_study(str(root), s, "test") for s in ids]  # warms the page cache
     t0 = time.perf_counter()
     for _ in range(args.repeat):
@@ -72,29 +89,68 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
                 fn(x)
         return (time.perf_counter() - t0) / args.repeat
 
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def steps(timings: dict[str, float], label: str) -> None:
+        """One row per profiled step: ms a study (the rate column is studies/s of that step alone)."""
+        for step, seconds in timings.items():
+            per_study = seconds / args.repeat / len(ids)
+            rows.append((f"  {label}: {step}", 1e3 * per_study, "ms a study", 1 / per_study if per_study else float("inf")))
+
     for imgsz in args.imgsz or [256]:
-        trained = {t: build_detector(t, imgsz=imgsz).eval() for t in SERIES_TYPES}
+        trained = {t: build_detector(t, imgsz=imgsz).to(device).eval() for t in SERIES_TYPES}
         prepared = {t: prepare_for_inference(copy.deepcopy(m)) for t, m in trained.items()}
         for label, detectors in (("as trained: BatchNorm, NCHW", trained), ("as scored: fused, channels-last", prepared)):
-            detect_series(detectors[series[0].series_type], series[0], imgsz=imgsz)  # warm-up
-            det_s = timed(lambda x: detect_series(detectors[x.series_type], x, imgsz=imgsz, conf=0.5))
+            detect_series(detectors[series[0].series_type], series[0], imgsz=imgsz, device=device)  # warm-up
+            det_s = timed(lambda x: detect_series(detectors[x.series_type], x, imgsz=imgsz, conf=0.5, device=device))
             rows.append((f"YOLOv8n detection at {imgsz} px ({label})", n_slices / det_s, "slices/s", len(ids) / det_s))
+        split: dict[str, float] = {}
+        timed(lambda x: detect_series(prepared[x.series_type], x, imgsz=imgsz, conf=0.5, device=device, timings=split))
+        steps(split, f"as scored, {imgsz} px, device synchronised at each step")
         pre_s = timed(lambda x: preprocess_volume(x.volume, imgsz))
-        rows.append((f"of which normalisation + letterbox to {imgsz} px (NumPy/OpenCV)", n_slices / pre_s, "slices/s",
-                     len(ids) / pre_s))
-    net = prepare_scorer_for_inference(DeepScoreNet().eval())  # as scoring loads it
+        rows.append((f"normalisation + letterbox to {imgsz} px (NumPy/OpenCV, the CPU path)", n_slices / pre_s,
+                     "slices/s", len(ids) / pre_s))
+    net = prepare_scorer_for_inference(DeepScoreNet().to(device).eval())  # as scoring loads it
     crops = np.random.default_rng(0).random((25 * len(ids), 3, 32, 32), dtype=np.float32)
-    predict_proba(net, crops[:25])
+    predict_proba(net, crops[:25], device=device)
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.repeat):
-        predict_proba(net, crops, batch_size=len(crops))
+        predict_proba(net, crops, batch_size=len(crops), device=device)
+    sync()
     score_s = (time.perf_counter() - t0) / args.repeat
     rows.append(("DeepScoreNet, 25 crops a study", len(crops) / score_s, "crops/s", len(ids) / score_s))
+    if args.models:
+        from lumbar_ray.scoring import ModelBundle, detect_study, grade_crops
+
+        bundle = ModelBundle.from_registry(args.models, device=str(device))
+        detect_study(bundle, studies[0])  # warm-up
+        split = {}
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            found = [detect_study(bundle, st, timings=split) for st in studies]
+        study_s = (time.perf_counter() - t0) / args.repeat
+        rows.append((f"detect_study with {bundle.version} (trained, as scored)", n_slices / study_s, "slices/s",
+                     len(ids) / study_s))
+        steps(split, "of which")
+        real = np.concatenate([d.crops for d in found])
+        if len(real):
+            grade_crops(bundle, real[:1])
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.repeat):
+                grade_crops(bundle, real)
+            sync()
+            grade_s = (time.perf_counter() - t0) / args.repeat
+            rows.append((f"grade_crops: its {len(real) / len(ids):.1f} crops a study", len(real) / grade_s, "crops/s",
+                         len(ids) / grade_s))
     echo(f"{len(ids)} {args.size} studies: {files / len(ids):.1f} files and {mb / len(ids):.1f} MB a study, "
-         f"{n_slices / len(ids):.0f} slices; {args.threads} torch thread(s)")
+         f"{n_slices / len(ids):.0f} slices; device {device}, {args.threads} torch thread(s)")
     echo("| stage | rate | per study |\n|---|---:|---:|")
     for name, rate, unit, per_study in rows:
-        echo(f"| {name} | {rate:.0f} {unit} | {per_study:.2f} studies/s |")
+        echo(f"| {name} | {rate:.0f} {unit} | {per_study:.2f} studies/s |" if unit != "ms a study"
+             else f"| {name} | {rate:.1f} {unit} | {per_study:.1f} studies/s |")
     return 0
 
 

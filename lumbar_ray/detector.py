@@ -1034,6 +1034,7 @@ def detect_series(
     multi_label: bool = True,
     max_det: int = 100,
     preprocess: str = "auto",
+    timings: dict[str, float] | None = None,
 ) -> list[Detection]:
     """Run every slice of ``series`` through the detector in batches of ``batch_size``.
 
@@ -1041,8 +1042,12 @@ def detect_series(
     once per class above ``conf`` (per-class NMS), so every class gets its own best candidates.
     ``preprocess``: "numpy" (NumPy/OpenCV on the CPU, as in training), "torch"
     (:func:`preprocess_volume_torch` on ``device``) or "auto" (torch on a CUDA device, else numpy).
+    ``timings``: when a dict is given, the seconds spent in "preprocess", "forward", "nms" (with
+    the copy to the host) and "boxes" are added to it, the device synchronised at each step
+    (profiling only: the syncs cost time on a GPU).
     """
     _, _, _, nms = _ultra()
+    clock = _StageClock(timings, device)
     bare = unwrap_model(model)
     bare.eval()
     imgsz = int(imgsz or getattr(bare, "imgsz", DEFAULT_IMGSZ))
@@ -1054,15 +1059,18 @@ def detect_series(
         images, lb = preprocess_volume_torch(series.volume, imgsz, device)
     else:
         images, lb = preprocess_volume(series.volume, imgsz)
+    clock.lap("preprocess")
     instance_numbers = np.asarray(series.instance_numbers)
     dets: list[Detection] = []
     for start in range(0, len(instance_numbers), batch_size):
         y = bare(images[start : start + batch_size].to(device))
         y = y[0] if isinstance(y, (tuple, list)) else y
+        clock.lap("forward")
         # NMS on the host: Ultralytics runs it image by image, and on a GPU each image brings its
         # own small kernels and syncs, while the batch's raw output is a few MB to copy once
         # (the first GPU run found ~110 ms of host-side work a study; its share is not yet measured).
         kept = nms(y.float().cpu(), conf_thres=conf, iou_thres=iou, multi_label=multi_label, max_det=max_det)
+        clock.lap("nms")
         counts = [len(d) for d in kept]
         if not sum(counts):
             continue
@@ -1078,7 +1086,30 @@ def detect_series(
                     Detection(int(d[i, 5]), k, int(instance_numbers[k]), float(cx[i]), float(cy[i]), float(d[i, 4]),
                               float(w[i]), float(h[i]))
                 )
+        clock.lap("boxes")
     return dets
+
+
+class _StageClock:
+    """Adds the seconds since the previous lap to ``timings[name]``; does nothing (not even a
+    device sync) when ``timings`` is None."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings = timings
+        self.cuda = device.type == "cuda"
+        self.last = self._now() if timings is not None else 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        now = self._now()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _lateral_midline(series) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -132,9 +133,11 @@ class DetectedStudy:
     errors: list[dict] = field(default_factory=list)  # rows for the errors table
 
 
-def detect_study(bundle: ModelBundle, study, batch_size: int = 32) -> DetectedStudy:
+def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
+                 timings: dict[str, float] | None = None) -> DetectedStudy:
     """Run each series type's detector over all slices of its series (batched), pick one
-    detection per target, and crop the detected points."""
+    detection per target, and crop the detected points. ``timings``: a dict to add the seconds
+    of each step to (:func:`detector.detect_series`'s steps and "select + crop"; profiling)."""
     from lumbar_ray.detector import detect_series, select_target_detections
     from lumbar_ray.scorer import extract_crops
 
@@ -161,7 +164,8 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32) -> DetectedSt
             continue
         try:
             detections = detect_series(detector, series, conf=bundle.detector_conf, device=bundle.device,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, timings=timings)
+            started = time.perf_counter()
             chosen = select_target_detections(detections, series_type, series)
         except Exception as exc:  # one bad series must not lose the study's other rows
             flags.append(f"detect_failed:{series_type}")
@@ -169,15 +173,16 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32) -> DetectedSt
                            "error_type": type(exc).__name__, "message": str(exc)[:500]})
             continue
         found = [(index, det) for index, det in sorted(chosen.items()) if det is not None]
-        if not found:
-            continue
-        points = np.array([(det.slice_index, det.x, det.y) for _, det in found], dtype=np.float64)
-        crops = extract_crops(series.volume, points, channels=bundle.channels, mm=bundle.crop_mm,
-                              pixel_spacing=tuple(series.pixel_spacing))
-        for (index, det), crop in zip(found, crops):
-            hits[index] = TargetHit(index, str(series.series_id), int(det.slice_index), int(det.instance_number),
-                                    float(det.x), float(det.y), float(det.confidence))
-            crops_by_target[index] = crop
+        if found:
+            points = np.array([(det.slice_index, det.x, det.y) for _, det in found], dtype=np.float64)
+            crops = extract_crops(series.volume, points, channels=bundle.channels, mm=bundle.crop_mm,
+                                  pixel_spacing=tuple(series.pixel_spacing))
+            for (index, det), crop in zip(found, crops):
+                hits[index] = TargetHit(index, str(series.series_id), int(det.slice_index),
+                                        int(det.instance_number), float(det.x), float(det.y), float(det.confidence))
+                crops_by_target[index] = crop
+        if timings is not None:
+            timings["select + crop"] = timings.get("select + crop", 0.0) + time.perf_counter() - started
     ordered = [hits[t.index] for t in TARGETS]
     detected = [h.target_index for h in ordered if h.detected]
     crops = np.stack([crops_by_target[i] for i in detected]) if detected else np.zeros((0, 3, 32, 32), np.float32)

@@ -244,10 +244,15 @@ def test_stage_costs_report_every_stage(tmp_path):
     assert bench_stages.main(args, echo=lines.append) == 0
     text = "\n".join(lines)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "studies/s" in line]
-    assert [r.split(" | ")[0] for r in rows] == [
+    names = [r.split(" | ")[0] for r in rows]
+    steps = [n for n in names if n.startswith("|   as scored, 64 px")]
+    assert [n for n in names if n not in steps] == [
         "| read + decode", "| YOLOv8n detection at 64 px (as trained: BatchNorm, NCHW)",
         "| YOLOv8n detection at 64 px (as scored: fused, channels-last)",
-        "| of which normalisation + letterbox to 64 px (NumPy/OpenCV)", "| DeepScoreNet, 25 crops a study"]
+        "| normalisation + letterbox to 64 px (NumPy/OpenCV, the CPU path)", "| DeepScoreNet, 25 crops a study"]
+    # The detection of the models as scored, step by step (boxes only when something is detected).
+    assert [n.split(": ")[-1] for n in steps][:3] == ["preprocess", "forward", "nms"]
+    assert names.index(steps[0]) == names.index("| YOLOv8n detection at 64 px (as scored: fused, channels-last)") + 1
     for row in rows:
         rate = float(row.split(" | ")[1].split()[0])
         assert rate > 0

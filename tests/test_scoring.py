@@ -95,6 +95,12 @@ def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, t
     np.testing.assert_array_equal(got.crops, expected.crops)
     assert len(got.crops), "the tiny test models should detect something in a test study"
     np.testing.assert_array_equal(grade_crops(score_part, got.crops), grade_crops(whole, expected.crops))
+    # Profiling (bench_stages --models) times each step and changes nothing.
+    timings: dict[str, float] = {}
+    profiled = detect_study(detect_part, study, timings=timings)
+    np.testing.assert_array_equal(profiled.crops, expected.crops)
+    assert {"preprocess", "forward", "nms", "boxes", "select + crop"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values())
     with pytest.raises(RuntimeError, match="without its scorer"):
         grade_crops(detect_part, got.crops)
     with pytest.raises(ValueError, match="parts"):

@@ -8,6 +8,13 @@ export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 PYTHONPATH="$SITE:$PWD"
 log() { echo "[$(date +%T)] $*"; }
 test -d "$SITE/ray" && test -d "$DATA" || { echo "fresh machine: part 1 (setup_and_test.sh) did not run here"; exit 3; }
 common=(--data "$DATA" --models "$MODELS" --size full --num-gpus 1 --read-cpus 1 --workdir /tmp/lrbench/work)
+# First, as the cheapest and most telling step (the device time may run out later): where a
+# study's time goes on the GPU, step by step with the device synchronised at each step
+# (preprocess, forward, NMS with its copy to the host, boxes, selection + crops, grading): the
+# first run found ~110 ms a study of host-side work in (c) and could not say where.
+log "per-step profile of the champion on cuda (bench_stages)"
+timeout 120 python3 -m lumbar_ray.bench_stages --device cuda --models "$MODELS" --imgsz 128 --data "$DATA" \
+  --studies 8 --repeat 3 2>&1 | tee "$OUT/stages_gpu.log"
 log "(a), (b), (c): 20 and 100 studies"
 timeout 330 python3 -m lumbar_ray.bench "${common[@]}" --n 20 --scale 5 \
   --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
