@@ -1047,11 +1047,11 @@ def detect_series(
     (profiling only: the syncs cost time on a GPU).
     """
     _, _, _, nms = _ultra()
-    clock = _StageClock(timings, device)
     bare = unwrap_model(model)
     bare.eval()
     imgsz = int(imgsz or getattr(bare, "imgsz", DEFAULT_IMGSZ))
     device = torch.device(device)
+    clock = _StageClock(timings, device)
     if preprocess not in ("auto", "numpy", "torch"):
         raise ValueError(f"preprocess must be auto, numpy or torch, not {preprocess!r}")
     on_device = preprocess == "torch" or (preprocess == "auto" and device.type == "cuda")
