@@ -35,6 +35,7 @@ class ModelBundle:
     priors: dict[str, list[float]]  # target column -> class prior, for targets with no detection
     device: Any
     detector_conf: float = 0.01
+    parts: tuple[str, ...] = MODEL_PARTS  # what was loaded (see from_registry)
 
     @classmethod
     def from_registry(cls, spec: str, device: str | None = None, cache_dir: str | None = None,
@@ -88,7 +89,8 @@ class ModelBundle:
             scorer = prepare_scorer_for_inference(scorer.to(device).eval())
         return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
                    crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
-                   detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)))
+                   detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)),
+                   parts=tuple(part for part in MODEL_PARTS if part in parts))
 
 
 class UnreadableStudyError(RuntimeError):
@@ -141,6 +143,8 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
     from lumbar_ray.detector import detect_series, select_target_detections
     from lumbar_ray.scorer import extract_crops
 
+    if "detectors" not in bundle.parts:  # else every series would pass as "no detector in this version"
+        raise RuntimeError(f"model bundle {bundle.version} was loaded without its detectors (parts={bundle.parts})")
     study_id = str(study.study_id)
     hits = {t.index: TargetHit(t.index) for t in TARGETS}
     flags: list[str] = []
@@ -220,8 +224,8 @@ def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int = 512) -
 
     if len(crops) == 0:
         return np.zeros((0, len(PROBABILITY_COLUMNS)), np.float32)
-    if bundle.scorer is None:
-        raise RuntimeError(f"model bundle {bundle.version} was loaded without its scorer (parts=('detectors',))")
+    if "scorer" not in bundle.parts:
+        raise RuntimeError(f"model bundle {bundle.version} was loaded without its scorer (parts={bundle.parts})")
     return predict_proba(bundle.scorer, crops, batch_size=batch_size, device=bundle.device)
 
 

@@ -103,6 +103,9 @@ def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, t
     assert all(seconds >= 0 for seconds in timings.values())
     with pytest.raises(RuntimeError, match="without its scorer"):
         grade_crops(detect_part, got.crops)
+    with pytest.raises(RuntimeError, match="without its detectors"):
+        detect_study(score_part, study)
+    assert (whole.parts, detect_part.parts, score_part.parts) == (("detectors", "scorer"), ("detectors",), ("scorer",))
     with pytest.raises(ValueError, match="parts"):
         ModelBundle.from_registry(spec, parts=("scorer", "tokenizer"))
 
