@@ -92,6 +92,16 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    def per_pass(fn) -> float:
+        """Seconds per call of ``fn`` after one warm-up call, the device synchronised around."""
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / args.repeat
+
     def steps(timings: dict[str, float], label: str) -> None:
         """One row per profiled step: ms a study (the rate column is studies/s of that step alone)."""
         for step, seconds in timings.items():
@@ -113,36 +123,23 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
                      "slices/s", len(ids) / pre_s))
     net = prepare_scorer_for_inference(DeepScoreNet().to(device).eval())  # as scoring loads it
     crops = np.random.default_rng(0).random((25 * len(ids), 3, 32, 32), dtype=np.float32)
-    predict_proba(net, crops[:25], device=device)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.repeat):
-        predict_proba(net, crops, batch_size=len(crops), device=device)
-    sync()
-    score_s = (time.perf_counter() - t0) / args.repeat
+    score_s = per_pass(lambda: predict_proba(net, crops, batch_size=len(crops), device=device))
     rows.append(("DeepScoreNet, 25 crops a study", len(crops) / score_s, "crops/s", len(ids) / score_s))
     if args.models:
         from lumbar_ray.scoring import ModelBundle, detect_study, grade_crops
 
         bundle = ModelBundle.from_registry(args.models, device=str(device))
-        detect_study(bundle, studies[0])  # warm-up
-        split = {}
-        t0 = time.perf_counter()
-        for _ in range(args.repeat):
-            found = [detect_study(bundle, st, timings=split) for st in studies]
-        study_s = (time.perf_counter() - t0) / args.repeat
+        # The total without the profile's syncs, then the steps in passes of their own.
+        study_s = per_pass(lambda: [detect_study(bundle, st) for st in studies])
         rows.append((f"detect_study with {bundle.version} (trained, as scored)", n_slices / study_s, "slices/s",
                      len(ids) / study_s))
+        split = {}
+        for _ in range(args.repeat):
+            found = [detect_study(bundle, st, timings=split) for st in studies]
         steps(split, "of which")
         real = np.concatenate([d.crops for d in found])
         if len(real):
-            grade_crops(bundle, real[:1])
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.repeat):
-                grade_crops(bundle, real)
-            sync()
-            grade_s = (time.perf_counter() - t0) / args.repeat
+            grade_s = per_pass(lambda: grade_crops(bundle, real))
             rows.append((f"grade_crops: its {len(real) / len(ids):.1f} crops a study", len(real) / grade_s, "crops/s",
                          len(ids) / grade_s))
     echo(f"{len(ids)} {args.size} studies: {files / len(ids):.1f} files and {mb / len(ids):.1f} MB a study, "

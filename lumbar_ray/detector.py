@@ -1051,7 +1051,7 @@ def detect_series(
     bare.eval()
     imgsz = int(imgsz or getattr(bare, "imgsz", DEFAULT_IMGSZ))
     device = torch.device(device)
-    clock = _StageClock(timings, device)
+    clock = StageClock(timings, device)
     if preprocess not in ("auto", "numpy", "torch"):
         raise ValueError(f"preprocess must be auto, numpy or torch, not {preprocess!r}")
     on_device = preprocess == "torch" or (preprocess == "auto" and device.type == "cuda")
@@ -1090,9 +1090,10 @@ def detect_series(
     return dets
 
 
-class _StageClock:
-    """Adds the seconds since the previous lap to ``timings[name]``; does nothing (not even a
-    device sync) when ``timings`` is None."""
+class StageClock:
+    """Adds the seconds since the previous lap (or since it was made) to ``timings[name]``,
+    synchronising a CUDA device first; does nothing (not even a device sync) when ``timings`` is
+    None. The profiling of :func:`detect_series` and :func:`lumbar_ray.scoring.detect_study`."""
 
     def __init__(self, timings: dict[str, float] | None, device: torch.device):
         self.timings = timings

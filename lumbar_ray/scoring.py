@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,7 +139,7 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
     """Run each series type's detector over all slices of its series (batched), pick one
     detection per target, and crop the detected points. ``timings``: a dict to add the seconds
     of each step to (:func:`detector.detect_series`'s steps and "select + crop"; profiling)."""
-    from lumbar_ray.detector import detect_series, select_target_detections
+    from lumbar_ray.detector import StageClock, detect_series, select_target_detections
     from lumbar_ray.scorer import extract_crops
 
     if "detectors" not in bundle.parts:  # else every series would pass as "no detector in this version"
@@ -169,7 +168,7 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
         try:
             detections = detect_series(detector, series, conf=bundle.detector_conf, device=bundle.device,
                                        batch_size=batch_size, timings=timings)
-            started = time.perf_counter()
+            clock = StageClock(timings, bundle.device)
             chosen = select_target_detections(detections, series_type, series)
         except Exception as exc:  # one bad series must not lose the study's other rows
             flags.append(f"detect_failed:{series_type}")
@@ -185,8 +184,7 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
                 hits[index] = TargetHit(index, str(series.series_id), int(det.slice_index),
                                         int(det.instance_number), float(det.x), float(det.y), float(det.confidence))
                 crops_by_target[index] = crop
-        if timings is not None:
-            timings["select + crop"] = timings.get("select + crop", 0.0) + time.perf_counter() - started
+        clock.lap("select + crop")
     ordered = [hits[t.index] for t in TARGETS]
     detected = [h.target_index for h in ordered if h.detected]
     crops = np.stack([crops_by_target[i] for i in detected]) if detected else np.zeros((0, 3, 32, 32), np.float32)
