@@ -32,7 +32,7 @@ What the timings include (printed with the results):
   ``(10N - N) / (t(10N) - t(N))`` removes the per-run fixed cost.
 - (b), (c): the loop only; model loading and one warm-up study are excluded. (b) includes reading
   the DICOMs and writing one Parquet file; (c) includes volume normalisation, letterboxing,
-  the forward passes and NMS, and excludes reading.
+  the forward passes and the candidate boxes, and excludes reading.
 - Every file is read once before any timing, so all three see a warm page cache.
 """
 
@@ -921,7 +921,7 @@ def render_report(results: list[Measurement], n_small: int, n_big: int, args: ar
     lines.append("included in the timings: (a) run_scoring wall time incl. actor start-up + model loading per run "
                  "(ray.init and one warm-up run excluded); (b) reading + per-slice detection + per-crop grading + "
                  "rows + one Parquet (model loading and a warm-up study excluded); (c) detect_series on preloaded "
-                 "volumes (normalise, letterbox, forward, NMS). Memory: peak summed RSS of the phase's process tree "
+                 "volumes (normalise, letterbox, forward, candidate boxes). Memory: peak summed RSS of the phase's process tree "
                  "(fresh process per path; (a) includes Ray's own processes and actors; shared library pages count "
                  "once per process). Ray gives each actor as many torch threads as CPUs it requests (at least 1).")
     a_big = _find(results, "a", n_big)

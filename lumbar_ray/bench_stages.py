@@ -8,13 +8,14 @@ in this process with ``--threads`` torch threads, the models on ``--device``:
 - read + decode: :func:`lumbar_ray.dicom_io.read_study` over every study, page cache warm;
 - detection: :func:`lumbar_ray.detector.detect_series` over every series of every study at
   ``--imgsz`` (YOLOv8n built from ``yolov8n.yaml``: untrained weights cost the same compute; the
-  confidence threshold is high so NMS does little work, as with a trained model), as trained
+  confidence threshold is high, as a trained model's boxes are few), as trained
   and as scoring loads it (:func:`lumbar_ray.detector.prepare_for_inference`), and the
   preprocessing (normalisation + letterbox) alone;
 - grading: :func:`lumbar_ray.scorer.predict_proba` of DeepScoreNet (as scoring loads it) on 25
   crops a study;
 - with ``--models``: a trained bundle's :func:`lumbar_ray.scoring.detect_study` step by step
-  (preprocess, forward, NMS, boxes, selection + crops; the device synchronised at each step) and
+  (preprocess, forward, candidates — each class's best box a slice —, boxes, selection + crops;
+  the device synchronised at each step) and
   the grading of its real crops. The as-scored YOLOv8n gets the same step split.
 """
 

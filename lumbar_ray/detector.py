@@ -1035,18 +1035,26 @@ def detect_series(
     max_det: int = 100,
     preprocess: str = "auto",
     timings: dict[str, float] | None = None,
+    candidates: str = "best",
 ) -> list[Detection]:
     """Run every slice of ``series`` through the detector in batches of ``batch_size``.
 
-    Boxes come back to original pixels (centre x = column, y = row). ``multi_label`` keeps a box
-    once per class above ``conf`` (per-class NMS), so every class gets its own best candidates.
+    Boxes come back to original pixels (centre x = column, y = row). ``candidates``:
+
+    - ``"best"`` (default): each class's most confident box on each slice, when above ``conf``
+      (:func:`best_box_per_class`) — all that :func:`select_target_detections` looks at, since
+      every rule picks a class's best box on a slice or over slices. Per-class NMS always keeps
+      that box, so the selection is the same as with "nms" (tested), without NMS's per-image cost.
+    - ``"nms"``: Ultralytics' NMS; ``multi_label`` keeps a box once per class above ``conf``
+      (per-class NMS), ``max_det`` caps the boxes of a slice.
     ``preprocess``: "numpy" (NumPy/OpenCV on the CPU, as in training), "torch"
     (:func:`preprocess_volume_torch` on ``device``) or "auto" (torch on a CUDA device, else numpy).
-    ``timings``: when a dict is given, the seconds spent in "preprocess", "forward", "nms" (with
-    the copy to the host) and "boxes" are added to it, the device synchronised at each step
-    (profiling only: the syncs cost time on a GPU).
+    ``timings``: when a dict is given, the seconds spent in "preprocess", "forward", "candidates"
+    (best boxes or NMS, with the copy to the host) and "boxes" are added to it, the device
+    synchronised at each step (profiling only: the syncs cost time on a GPU).
     """
-    _, _, _, nms = _ultra()
+    if candidates not in ("best", "nms"):
+        raise ValueError(f"candidates must be 'best' or 'nms', not {candidates!r}")
     bare = unwrap_model(model)
     bare.eval()
     imgsz = int(imgsz or getattr(bare, "imgsz", DEFAULT_IMGSZ))
@@ -1066,28 +1074,49 @@ def detect_series(
         y = bare(images[start : start + batch_size].to(device))
         y = y[0] if isinstance(y, (tuple, list)) else y
         clock.lap("forward")
-        # NMS on the host: Ultralytics runs it image by image, and on a GPU each image brings its
-        # own small kernels and syncs, while the batch's raw output is a few MB to copy once
-        # (the first GPU run found ~110 ms of host-side work a study; its share is not yet measured).
-        kept = nms(y.float().cpu(), conf_thres=conf, iou_thres=iou, multi_label=multi_label, max_det=max_det)
-        clock.lap("nms")
-        counts = [len(d) for d in kept]
-        if not sum(counts):
+        if candidates == "best":
+            # On the model's device, then one small copy: at most (slices x classes) rows.
+            host = best_box_per_class(y, conf).cpu().numpy()
+        else:
+            host = _nms_boxes(y, conf, iou, multi_label, max_det)
+        clock.lap("candidates")
+        if not len(host):
             continue
-        host = torch.cat(kept).numpy()
-        for j, d in enumerate(np.split(host, np.cumsum(counts)[:-1])):
-            if not len(d):
-                continue
-            cx, cy = lb.inverse((d[:, 0] + d[:, 2]) / 2, (d[:, 1] + d[:, 3]) / 2)
-            w, h = (d[:, 2] - d[:, 0]) / lb.scale, (d[:, 3] - d[:, 1]) / lb.scale
-            k = start + j
-            for i in range(len(d)):
-                dets.append(
-                    Detection(int(d[i, 5]), k, int(instance_numbers[k]), float(cx[i]), float(cy[i]), float(d[i, 4]),
-                              float(w[i]), float(h[i]))
-                )
+        k = start + host[:, 0].astype(np.int64)
+        cx, cy = lb.inverse(host[:, 3], host[:, 4])
+        w, h = host[:, 5] / lb.scale, host[:, 6] / lb.scale
+        dets.extend(Detection(int(c), int(ki), int(instance_numbers[ki]), float(xi), float(yi), float(p),
+                              float(wi), float(hi))
+                    for ki, c, p, xi, yi, wi, hi in zip(k, host[:, 1], host[:, 2], cx, cy, w, h))
         clock.lap("boxes")
     return dets
+
+
+def best_box_per_class(y: torch.Tensor, conf: float) -> torch.Tensor:
+    """Each class's most confident box on each image of a detector's eval output.
+
+    ``y``: (B, 4 + nc, A) — per anchor, a box (cx, cy, w, h, letterboxed pixels) and nc class
+    scores. Returns (K, 7) rows ``[image, class, score, cx, cy, w, h]`` for the (image, class)
+    pairs whose best score is above ``conf``, by image then class. Where a class's best score is
+    tied between anchors, the first anchor's box is returned (``torch.max``).
+    """
+    scores, anchor = y[:, 4:, :].max(dim=2)  # (B, nc)
+    boxes = torch.gather(y[:, :4, :], 2, anchor.unsqueeze(1).expand(-1, 4, -1))  # (B, 4, nc)
+    image, cls = torch.nonzero(scores > conf, as_tuple=True)
+    # float32 rows whatever the model's dtype (half under AMP would round scores and boxes)
+    return torch.cat([image[:, None].float(), cls[:, None].float(), scores[image, cls, None].float(),
+                      boxes[image, :, cls].float()], dim=1)
+
+
+def _nms_boxes(y: torch.Tensor, conf: float, iou: float, multi_label: bool, max_det: int) -> np.ndarray:
+    """Ultralytics' NMS over a batch, as ``best_box_per_class``'s rows (on the host)."""
+    _, _, _, nms = _ultra()
+    # NMS on the host: Ultralytics runs it image by image, and on a GPU each image brings its
+    # own small kernels and syncs, while the batch's raw output is a few MB to copy once.
+    kept = nms(y.float().cpu(), conf_thres=conf, iou_thres=iou, multi_label=multi_label, max_det=max_det)
+    rows = [torch.cat([torch.full((len(d), 1), float(j)), d[:, 5:6], d[:, 4:5], (d[:, 0:2] + d[:, 2:4]) / 2,
+                       d[:, 2:4] - d[:, 0:2]], dim=1) for j, d in enumerate(kept) if len(d)]
+    return torch.cat(rows).numpy() if rows else np.zeros((0, 7), np.float32)
 
 
 class StageClock:

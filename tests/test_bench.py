@@ -251,7 +251,7 @@ def test_stage_costs_report_every_stage(tmp_path):
         "| YOLOv8n detection at 64 px (as scored: fused, channels-last)",
         "| normalisation + letterbox to 64 px (NumPy/OpenCV, the CPU path)", "| DeepScoreNet, 25 crops a study"]
     # The detection of the models as scored, step by step (boxes only when something is detected).
-    assert [n.split(": ")[-1] for n in steps][:3] == ["preprocess", "forward", "nms"]
+    assert [n.split(": ")[-1] for n in steps][:3] == ["preprocess", "forward", "candidates"]
     assert names.index(steps[0]) == names.index("| YOLOv8n detection at 64 px (as scored: fused, channels-last)") + 1
     for row in rows:
         rate = float(row.split(" | ")[1].split()[0])

@@ -461,6 +461,71 @@ def test_real_model_runs_on_a_series():
     assert len(sel) == 10
 
 
+def test_best_box_per_class_by_hand():
+    # 2 images, 2 classes, 3 anchors: rows (cx, cy, w, h, score class 0, score class 1)
+    y = torch.tensor([
+        [[10, 20, 30], [11, 21, 31], [4, 5, 6], [7, 8, 9], [0.2, 0.9, 0.1], [0.05, 0.3, 0.6]],
+        [[1, 2, 3], [4, 5, 6], [1, 1, 1], [2, 2, 2], [0.01, 0.02, 0.03], [0.5, 0.4, 0.7]],
+    ], dtype=torch.float32)
+    rows = D.best_box_per_class(y, conf=0.1)
+    expected = [[0, 0, 0.9, 20, 21, 5, 8],  # image 0, class 0: anchor 1
+                [0, 1, 0.6, 30, 31, 6, 9],  # image 0, class 1: anchor 2
+                [1, 1, 0.7, 3, 6, 1, 2]]  # image 1: class 0's best (0.03) is below conf
+    np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-6)
+    assert rows.dtype == torch.float32
+    assert D.best_box_per_class(y.half(), conf=0.1).dtype == torch.float32
+    assert D.best_box_per_class(y, conf=0.95).shape == (0, 7)
+
+
+class UntiedScores(torch.nn.Module):
+    """A detector whose class scores get a fixed jitter (1e-4): an untrained model gives many
+    anchors exactly the same score, and which of two tied boxes NMS or an argmax keeps is
+    arbitrary (both are "the most confident")."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        y = self.model(x)[0].clone()
+        jitter = torch.rand(y[:, 4:].shape, generator=torch.Generator().manual_seed(y.shape[0]))
+        y[:, 4:] += 1e-4 * jitter
+        return y, {}
+
+
+def test_best_boxes_keep_what_nms_keeps_for_selection():
+    """Each class's best box on each slice is what NMS keeps first, so every selection rule picks
+    the same detections from "best" candidates as from NMS's (random model: boxes everywhere)."""
+    torch.manual_seed(1)
+    with pytest.raises(ValueError):
+        D.detect_series(D.build_detector(AXIAL_T2, imgsz=64), fake_series(AXIAL_T2, n=2), candidates="all")
+    for series_type in (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2):
+        model = UntiedScores(D.build_detector(series_type, imgsz=64))
+        series = fake_series(series_type, n=7, rows=100, cols=80, seed=3)
+        best = D.detect_series(model, series, conf=0.0001, batch_size=3)
+        nms = D.detect_series(model, series, conf=0.0001, batch_size=3, candidates="nms", max_det=100_000)
+        assert len(nms) > len(best) > 0
+        top = {}
+        for d in nms:  # NMS's most confident box per (slice, class)
+            if (d.slice_index, d.class_id) not in top or d.confidence > top[d.slice_index, d.class_id].confidence:
+                top[d.slice_index, d.class_id] = d
+        assert {(d.slice_index, d.class_id): d for d in best}.keys() == top.keys()
+        for d in best:
+            t = top[d.slice_index, d.class_id]
+            assert d.instance_number == t.instance_number and d.confidence == pytest.approx(t.confidence, rel=1e-6)
+            assert (d.x, d.y, d.width, d.height) == pytest.approx((t.x, t.y, t.width, t.height), abs=1e-3)
+        for rule in ("max", "slice", "centroid"):
+            picked_best = D.select_target_detections(best, series_type, series, rule=rule)
+            picked_nms = D.select_target_detections(nms, series_type, series, rule=rule)
+            assert picked_best.keys() == picked_nms.keys()
+            for index, det in picked_best.items():
+                other = picked_nms[index]
+                assert (det is None) == (other is None)
+                if det is not None:
+                    assert (det.class_id, det.slice_index) == (other.class_id, other.slice_index)
+                    assert (det.x, det.y, det.confidence) == pytest.approx((other.x, other.y, other.confidence), abs=1e-3)
+
+
 def test_sagittal_t1_side_from_slice_position():
     series = fake_series(SAGITTAL_T1, n=9)  # slice 0 most left (patient x largest), 8 most right
     t1 = targets_for_series(SAGITTAL_T1)

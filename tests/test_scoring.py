@@ -99,7 +99,7 @@ def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, t
     timings: dict[str, float] = {}
     profiled = detect_study(detect_part, study, timings=timings)
     np.testing.assert_array_equal(profiled.crops, expected.crops)
-    assert {"preprocess", "forward", "nms", "boxes", "select + crop"} <= set(timings)
+    assert {"preprocess", "forward", "candidates", "boxes", "select + crop"} <= set(timings)
     assert all(seconds >= 0 for seconds in timings.values())
     with pytest.raises(RuntimeError, match="without its scorer"):
         grade_crops(detect_part, got.crops)

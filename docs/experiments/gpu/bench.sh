@@ -10,7 +10,7 @@ test -d "$SITE/ray" && test -d "$DATA" || { echo "fresh machine: part 1 (setup_a
 common=(--data "$DATA" --models "$MODELS" --size full --num-gpus 1 --read-cpus 1 --workdir /tmp/lrbench/work)
 # First, as the cheapest and most telling step (the device time may run out later): where a
 # study's time goes on the GPU, step by step with the device synchronised at each step
-# (preprocess, forward, NMS with its copy to the host, boxes, selection + crops, grading): the
+# (preprocess, forward, candidates with their copy to the host, boxes, selection + crops, grading): the
 # first run found ~110 ms a study of host-side work in (c) and could not say where.
 log "per-step profile of the champion on cuda (bench_stages)"
 timeout 120 python3 -m lumbar_ray.bench_stages --device cuda --models "$MODELS" --imgsz 128 --data "$DATA" \
@@ -18,7 +18,7 @@ timeout 120 python3 -m lumbar_ray.bench_stages --device cuda --models "$MODELS" 
 log "(a), (b), (c): 20 and 100 studies"
 timeout 330 python3 -m lumbar_ray.bench "${common[@]}" --n 20 --scale 5 \
   --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
-# More detector actors: each one's per-study host work (copies, NMS, selection) is the limit.
+# More detector actors: each one's per-study host work (copies, selection, crops) is the limit.
 for pool in ${POOLS:-2 4 6}; do
   log "(a) alone, 40 and 200 studies, $pool detector actor(s)"
   gpus=$(python3 -c "print(round(0.75 / $pool, 3))")
