@@ -249,6 +249,10 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_pool), num_gpus=cfg.scorer_gpus,
                         num_cpus=cfg.scorer_cpus, batch_size=cfg.scorer_batch_studies, batch_format="numpy",
                         **ray_remote_args_with_storage_env())
+    # Each row carries a StudyItem, which Arrow cannot hold: Ray Data stores such columns as
+    # pickled objects by design. Saying so (instead of leaving the setting unset) keeps it from
+    # logging "Failed to convert column 'item' into pyarrow array" in every worker of every job.
+    ds.context.enable_fallback_to_arrow_object_ext_type = True
     if cfg.buffer_mb and cfg.buffer_mb > 0:
         # The dataset's own copy of the DataContext: other datasets of this driver keep theirs.
         ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(

@@ -118,7 +118,7 @@ def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, t
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_buffer_cap_reaches_this_dataset_only(ray_runtime):
+def test_dataset_settings_reach_this_dataset_only(ray_runtime):
     import ray
 
     from lumbar_ray.pipeline import build_dataset
@@ -129,6 +129,8 @@ def test_buffer_cap_reaches_this_dataset_only(ray_runtime):
     default = build_dataset(ScoreConfig(input="x", models="m", out="o", buffer_mb=0), ["1"], "r", None)
     assert default.context.execution_options.resource_limits.object_store_memory == before
     assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == before
+    # StudyItems travel as pickled objects on purpose (no "Failed to convert column" warning)
+    assert capped.context.enable_fallback_to_arrow_object_ext_type is True
 
 
 def test_bad_input_never_crashes_and_nothing_is_lost(ray_runtime, synthetic_root, trained, tmp_path):
