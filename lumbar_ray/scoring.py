@@ -217,14 +217,28 @@ def study_rows(detected: DetectedStudy, probs: np.ndarray, bundle_version: str, 
     return pd.DataFrame(rows)
 
 
-def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int = 512) -> np.ndarray:
+# DeepScoreNet's forward passes on a CPU: always this many crops (padded; predict_proba's
+# fixed_batch), so that a scoring actor's memory stays flat however the crop counts of its calls
+# vary. At the counts a scoring actor's calls have (16 studies: ~110-400 crops) 32 costs no speed:
+# one core, padding included, 95-118 vs 101-122 crops/s for calls of 110 crops, 125-133 vs 102-120
+# for 400 (`python docs/experiments/scorer_memory.py`); a 160-study `lumbar-ray score` took
+# 68.7 / 62.2 s vs 68.7 / 68.8 s with whole-call passes (alternating runs). On a GPU the caching
+# allocator reuses blocks of any size.
+CPU_GRADE_BATCH = 32
+
+
+def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """DeepScoreNet's probabilities of ``crops``: on a CPU in fixed batches of
+    :data:`CPU_GRADE_BATCH`, on a GPU in batches of up to 512 (``batch_size`` overrides)."""
     from lumbar_ray.scorer import predict_proba
 
     if len(crops) == 0:
         return np.zeros((0, len(PROBABILITY_COLUMNS)), np.float32)
     if "scorer" not in bundle.parts:
         raise RuntimeError(f"model bundle {bundle.version} was loaded without its scorer (parts={bundle.parts})")
-    return predict_proba(bundle.scorer, crops, batch_size=batch_size, device=bundle.device)
+    on_cpu = bundle.device.type == "cpu"
+    size = batch_size or (CPU_GRADE_BATCH if on_cpu else 512)
+    return predict_proba(bundle.scorer, crops, batch_size=size, device=bundle.device, fixed_batch=on_cpu)
 
 
 def error_frame(errors: list[dict], version: str, run_id: str, recorded_at: pd.Timestamp) -> pd.DataFrame:

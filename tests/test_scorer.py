@@ -285,6 +285,47 @@ def test_predict_proba(model):
     assert predict_proba(model, crops[:0]).shape == (0, 3)
 
 
+def test_predict_proba_fixed_batch_pads_and_keeps_each_crops_output(model):
+    """fixed_batch: the network sees one batch size only (the last batch zero-padded), and each
+    crop's probabilities are those of the unpadded passes."""
+    crops = np.random.default_rng(3).uniform(size=(11, 3, 32, 32)).astype(np.float32)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    try:
+        expected = predict_proba(model, crops, batch_size=64)
+        assert seen == [11]
+        seen.clear()
+        fixed = predict_proba(model, crops, batch_size=4, fixed_batch=True)
+        assert seen == [4, 4, 4]  # 4 + 4 + (3 crops + 1 padding)
+        seen.clear()
+        assert predict_proba(model, crops[:1], batch_size=4, fixed_batch=True).shape == (1, 3)
+        assert seen == [4]
+    finally:
+        hook.remove()
+    assert fixed.shape == (11, 3)
+    np.testing.assert_allclose(fixed, expected, atol=1e-6)
+
+
+def test_grade_crops_on_cpu_uses_one_batch_size(model):
+    """Scoring actors grade in fixed CPU batches whatever a call's crop count (flat memory)."""
+    from types import SimpleNamespace
+
+    from lumbar_ray.scoring import CPU_GRADE_BATCH, grade_crops
+
+    bundle = SimpleNamespace(parts=("scorer",), device=torch.device("cpu"), scorer=model, version="v")
+    rng = np.random.default_rng(4)
+    for n in (1, CPU_GRADE_BATCH + 5, 3 * CPU_GRADE_BATCH):
+        crops = rng.uniform(size=(n, 3, 32, 32)).astype(np.float32)
+        seen = []
+        hook = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+        try:
+            probs = grade_crops(bundle, crops)
+        finally:
+            hook.remove()
+        assert seen == [CPU_GRADE_BATCH] * -(-n // CPU_GRADE_BATCH)
+        np.testing.assert_allclose(probs, predict_proba(model, crops, batch_size=512), atol=1e-6)
+
+
 def test_prepare_for_inference_folds_batchnorm_and_keeps_probabilities():
     from lumbar_ray.scorer import prepare_for_inference
 
