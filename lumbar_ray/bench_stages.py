@@ -1,5 +1,5 @@
 """``python -m lumbar_ray.bench_stages``: what one study costs each scoring stage on one CPU
-core — a benchmark, not a test. The inputs of the scale arithmetic in the README.
+core — a benchmark, not a test. The inputs of the scale arithmetic in docs/RESULTS.md.
 
 Synthesizes (once) ``--studies`` full-size studies (about 75 DICOM files, 19 MB a study, like the
 RSNA set's 74.6 files and 17.7 MB), or takes the first ``--studies`` of ``--data``, then times,

@@ -37,7 +37,7 @@ class ScorerConfig:
     channels: str = "repeat"
     # Crop side in millimetres (resampled to 32 px); None = 32 pixels as in the paper. 32 mm
     # measured better than 32 px on 200 synthetic studies (RSNA score 0.452 vs 0.559 out of
-    # sample, README), where 32 px span 40-70 mm depending on the pixel spacing.
+    # sample, docs/RESULTS.md), where 32 px span 40-70 mm depending on the pixel spacing.
     crop_mm: float | None = 32.0
     max_oversample: float = 4.0
 

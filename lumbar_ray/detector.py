@@ -1174,7 +1174,7 @@ def select_target_detections(
       mid-sagittal slice from its neighbours (trained without neighbouring negatives).
 
       Measured out of fold on 64 synthetic studies (share of canal levels on the labelled
-      instance within 5 mm; README): trained without negatives, "max" 52%, "slice" 63%,
+      instance within 5 mm; docs/RESULTS.md): trained without negatives, "max" 52%, "slice" 63%,
       "centroid" 86%; with the two neighbouring slices as negatives (the default), 60 epochs:
       "max" 95.3%, "slice" 95.6%, "centroid" 94.0% — hence "slice" by default.
     - Sagittal T1 with ``series`` given: a single sagittal slice does not show which side it

@@ -1,12 +1,12 @@
 """One-off A/B of the canal detector's training (negatives, epochs, learning rate) and of the
-slice-selection rules, kept as the record of the README's rule table. One process, one thread,
+slice-selection rules, kept as the record of the rule table in docs/RESULTS.md. One process, one thread,
 no Ray: detector.fit_detector on the training studies of fold 0 of an earlier CV run, then every
 rule of select_target_detections on the same detections of fold 0's validation studies.
 
   python docs/experiments/detector_training_ab.py "Sagittal T2/STIR" detector_sagittal_t2_stir \
       '{"neg": 2, "gap": 1, "warmup": 3, "epochs": 60}' cv200 registry/runs/VERSION/artifacts
 
-(README rows: {"neg": 0, "warmup": 3}, {"neg": 2, "gap": 1, "warmup": 3} and the line above.)
+(table rows: {"neg": 0, "warmup": 3}, {"neg": 2, "gap": 1, "warmup": 3} and the line above.)
 """
 import sys, json, time, numpy as np, pandas as pd, torch
 torch.set_num_threads(1)

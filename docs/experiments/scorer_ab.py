@@ -1,5 +1,5 @@
 """One-off A/B of DeepScoreNet's inputs (1 slice repeated vs 2.5D adjacent slices; 32 px vs
-crops in mm), kept as the record of the README's scorer table. No Ray: crops at the labelled
+crops in mm), kept as the record of the scorer table in docs/RESULTS.md. No Ray: crops at the labelled
 points of cv200 (cached by crops.py below), studies with id % 3 == 0 held out, the training
 recipe of lumbar_ray.train.scorer_worker_loop (CropDataset oversampling x4, class-weighted focal
 loss gamma 3, AdamW + cosine), RSNA metric on the held-out rows vs the prior baselines fitted on
