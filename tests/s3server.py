@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lumbar_ray.localcluster import is_port_free
+
 ACCESS_KEY = "lumbar-test-key"
 SECRET_KEY = "lumbar-test-secret-0123456789"
 REGION = "us-east-1"
@@ -105,16 +107,6 @@ def _stop_group(process: subprocess.Popen | None, grace: float = 10.0) -> None:
         pass
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port_pairs(n: int, low: int = 20000, high: int = 50000) -> list[int]:
     """``n`` distinct ports p (each with p + 10000) that are free on 127.0.0.1 right now."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
@@ -124,7 +116,7 @@ def free_port_pairs(n: int, low: int = 20000, high: int = 50000) -> list[int]:
         p = rng.randrange(low, high)
         if {p, p + GRPC_OFFSET} & taken:
             continue
-        if _is_free(p) and _is_free(p + GRPC_OFFSET):
+        if is_port_free(p) and is_port_free(p + GRPC_OFFSET):
             chosen.append(p)
             taken |= {p, p + GRPC_OFFSET}
             if len(chosen) == n:
