@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from lumbar_ray import storage
 from lumbar_ray.config import TrainConfig
 from lumbar_ray.registry import ModelRegistry, RegistryError
 
@@ -84,26 +85,16 @@ class PromotionLock:
         return self.registry._path(*LOCK_NAME.split("/"))
 
     def __enter__(self) -> "PromotionLock":
-        fs = self.registry.fs
-        fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         body = json.dumps({"owner": self.owner, "pid": os.getpid(),
                            "since": _dt.datetime.now(_dt.timezone.utc).isoformat()}).encode()
-        try:
-            with fs.open(self.path, "xb") as handle:  # exclusive create: fails if it exists
-                handle.write(body)
-        except (FileExistsError, OSError) as exc:
-            # s3fs reports a failed If-None-Match (HTTP 412) as OSError "pre-conditions ... did
-            # not hold"; any other OSError is a real failure.
-            if not isinstance(exc, FileExistsError) and "pre-condition" not in str(exc).lower():
-                raise
+        if not storage.create_exclusive(self.registry.url(*LOCK_NAME.split("/")), body):
             try:
                 held = self.registry.read_json(self.path)
             except Exception:  # noqa: BLE001 - only for the message
                 held = {}
             raise PromotionLockBusy(
                 f"{self.registry.url(*LOCK_NAME.split('/'))} is held by {held.get('owner')} since "
-                f"{held.get('since')}; if that process is gone, delete the lock object"
-            ) from exc
+                f"{held.get('since')}; if that process is gone, delete the lock object")
         return self
 
     def __exit__(self, *exc) -> None:

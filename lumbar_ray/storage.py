@@ -38,6 +38,8 @@ __all__ = [
     "open",
     "read_bytes",
     "write_bytes",
+    "create_exclusive",
+    "remove",
     "makedirs",
     "listdir",
     "glob",
@@ -169,6 +171,36 @@ def write_bytes(path_or_url: str | os.PathLike, data: bytes) -> str:
     else:
         fs.pipe_file(path, data)
     return text
+
+
+def create_exclusive(path_or_url: str | os.PathLike, data: bytes) -> bool:
+    """Create a file holding ``data`` only if none exists: True if this call created it, False if
+    the file was already there. Exclusive on every backend we use: ``O_EXCL`` locally,
+    ``If-None-Match: *`` on S3 (one of several concurrent creators wins)."""
+    fs, path = filesystem_for(path_or_url)
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with fs.open(path, "xb") as handle:
+            handle.write(data)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        # s3fs reports a failed If-None-Match (HTTP 412) as OSError "pre-conditions ... did not
+        # hold"; any other OSError is a real failure.
+        if "pre-condition" in str(exc).lower():
+            return False
+        raise
+    return True
+
+
+def remove(path_or_url: str | os.PathLike) -> None:
+    """Delete one file; one that is not there is not an error."""
+    fs, path = filesystem_for(path_or_url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def makedirs(path_or_url: str | os.PathLike) -> None:
