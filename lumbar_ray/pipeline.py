@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray import scoring
+from lumbar_ray.output_lock import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,6 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     """Score every study of ``cfg.input`` not yet in ``cfg.out`` for this model version."""
     import ray
 
-    from lumbar_ray.outputs import OutputWriter
     from lumbar_ray.registry import ModelRegistry, parse_model_spec
 
     if not ray.is_initialized():
@@ -289,6 +289,16 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     # Pin the version so every actor loads the same one even if the champion moves meanwhile.
     cfg = _with(cfg, models=f"{root}@{model_version}")
     run_id = cfg.run_id or time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    # One run per output at a time; taken before listing what is done, so that two runs can
+    # never both decide to score the same study.
+    with OutputLock(cfg.out, run_id) as lock:
+        return _score_locked(cfg, run_id, model_version, lock, echo)
+
+
+def _score_locked(cfg: ScoreConfig, run_id: str, model_version: str, lock: OutputLock,
+                  echo: Callable[[str], None]) -> ScoreSummary:
+    from lumbar_ray.outputs import OutputWriter
+
     todo, n_listed, n_done, descriptions = studies_to_score(cfg, model_version)
     echo(f"[score] {n_listed} studies listed, {n_done} already scored by {model_version}; "
          f"scoring {len(todo)} (run {run_id})")
@@ -302,6 +312,7 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     def flush() -> None:
         nonlocal pending, pending_preds, pending_errs
         if pending:
+            lock.check()  # another run took the output over: stop before writing anything twice
             writer.write(pd.concat(pending_preds, ignore_index=True) if pending_preds else None,
                          pd.concat(pending_errs, ignore_index=True) if pending_errs else None)
         pending, pending_preds, pending_errs = 0, [], []

@@ -7,6 +7,8 @@ import sys
 
 from lumbar_ray.pipeline import ScoreConfig, add_resource_args, resource_kwargs
 
+EXIT_OUTPUT_BUSY = 3  # another scoring run holds --out (its id, host and pid are printed)
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = ScoreConfig(input="", models="", out="")
@@ -31,12 +33,17 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    from lumbar_ray.output_lock import OutputBusy
     from lumbar_ray.pipeline import run_scoring
     from lumbar_ray.runtime import ray_session
 
     cfg = config_from_args(args)
-    with ray_session(args.address, num_cpus=args.num_cpus):
-        summary = run_scoring(cfg, echo=print)
+    try:
+        with ray_session(args.address, num_cpus=args.num_cpus):
+            summary = run_scoring(cfg, echo=print)
+    except OutputBusy as exc:  # another run holds the output: say who, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT_BUSY
     print(f"run_id: {summary.run_id}  model_version: {summary.model_version}  "
           f"scored: {summary.n_scored}  failed: {summary.n_failed}  skipped (done before): {summary.n_skipped_done}")
     return 0

@@ -197,6 +197,23 @@ def test_scoring_from_and_to_s3_equals_local(ray_runtime, synthetic_root, traine
     assert fsspec  # imported for the s3 protocol registration
 
 
+def test_second_run_on_an_output_in_use_is_refused(ray_runtime, synthetic_root, trained, tmp_path, capsys):
+    """Two runs on one output would score the same studies twice (and on 2 CPUs their actor pools
+    can wait for each other for ever): the second one is refused before it scores anything."""
+    from lumbar_ray import score_job
+    from lumbar_ray.output_lock import OutputBusy, OutputLock
+
+    out = tmp_path / "scores"
+    with OutputLock(out, "first-run"):
+        with pytest.raises(OutputBusy, match="first-run"):
+            _score(synthetic_root, trained.registry, out)
+        args = score_job.get_args_parser().parse_args(["--input", str(synthetic_root), "--models", str(trained.registry),
+                                                       "--out", str(out), "--split", "test"])
+        assert score_job.main(args) == score_job.EXIT_OUTPUT_BUSY
+        assert "scoring run 'first-run'" in capsys.readouterr().err
+    assert not part_paths(str(out))
+
+
 def test_killed_run_keeps_what_it_wrote_and_rerun_adds_no_duplicates(synthetic_root, trained, tmp_path):
     out = tmp_path / "scores"
     cmd = [sys.executable, str(REPO / "jobs" / "score.py"), "--input", str(synthetic_root), "--models",
