@@ -8,10 +8,10 @@ second run's DeepScoreNet actor took the half CPU the first run's reads needed, 
 run's detector actor waited for the first run's).
 
 The lock is a small JSON file created exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on
-S3), naming the run, its host and pid (no patient data). Its run rewrites the heartbeat every
+S3), naming the run, its host, PID namespace and pid (no patient data). Its run rewrites the heartbeat every
 ``heartbeat_s``. A later run takes a lock over only when its holder is gone: on the same host
 when the holder's process no longer exists (so a killed run's rerun starts at once), on another
-host when the heartbeat is older than ``stale_after_s``. Otherwise it refuses with
+host (or in another container of this host) when the heartbeat is older than ``stale_after_s``. Otherwise it refuses with
 :class:`OutputBusy`, naming the run that holds the output. A run that finds its lock taken over
 (its heartbeat thread sees another run id) stops writing at its next part file.
 
@@ -73,6 +73,15 @@ def process_alive(pid: int, start: str | None = None) -> bool:
     return start is None or len(fields) <= 19 or fields[19] == str(start)
 
 
+def pid_namespace() -> str | None:
+    """This process's PID namespace (Linux), e.g. ``pid:[4026531836]``: containers that share a
+    host name (host networking) see different processes under the same pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -98,6 +107,7 @@ class OutputLock:
         self.heartbeat_s = float(heartbeat_s)
         self.stale_after_s = float(stale_after_s)
         self.host = socket.gethostname()
+        self.pid_ns = pid_namespace()
         self.pid = os.getpid()
         self.started = _now().isoformat()
         self.lost: str | None = None  # why this run no longer holds the lock, once it does not
@@ -107,7 +117,7 @@ class OutputLock:
     # -- the file
 
     def _body(self) -> bytes:
-        return json.dumps({"run_id": self.run_id, "host": self.host, "pid": self.pid,
+        return json.dumps({"run_id": self.run_id, "host": self.host, "pid_ns": self.pid_ns, "pid": self.pid,
                            "pid_start": process_start(self.pid), "started": self.started,
                            "heartbeat": _now().isoformat()}).encode()
 
@@ -127,7 +137,7 @@ class OutputLock:
     def stale_reason(self, held: dict) -> str | None:
         """Why the holder of ``held`` is gone, or None while it may still be running."""
         pid = held.get("pid")
-        if held.get("host") == self.host and isinstance(pid, int):
+        if held.get("host") == self.host and held.get("pid_ns") == self.pid_ns and isinstance(pid, int):
             if process_alive(pid, held.get("pid_start")):
                 return None  # alive here: never stale, whatever its heartbeat says
             return f"its process (pid {pid} on this host) is gone"

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from lumbar_ray import storage
-from lumbar_ray.output_lock import LOCK_FILE, OutputBusy, OutputLock, process_alive, process_start
+from lumbar_ray.output_lock import LOCK_FILE, OutputBusy, OutputLock, pid_namespace, process_alive, process_start
 
 
 def _write_lock(out, **fields) -> None:
-    body = {"run_id": "other-run", "host": socket.gethostname(), "pid": os.getpid(),
+    body = {"run_id": "other-run", "host": socket.gethostname(), "pid_ns": pid_namespace(), "pid": os.getpid(),
             "pid_start": process_start(os.getpid()), "started": "2026-11-30T00:00:00+00:00",
             "heartbeat": datetime.now(timezone.utc).isoformat(), **fields}
     storage.write_bytes(storage.join(str(out), LOCK_FILE), json.dumps(body).encode())
@@ -73,6 +73,19 @@ def test_other_hosts_lock_is_respected_until_its_heartbeat_is_stale(tmp_path):
     _write_lock(out, host="elsewhere", pid=1, heartbeat=old.isoformat())
     with OutputLock(out, "mine", heartbeat_s=30, stale_after_s=300):
         assert json.loads((out / LOCK_FILE).read_text())["run_id"] == "mine"
+
+
+def test_same_host_name_in_another_pid_namespace_goes_by_the_heartbeat(tmp_path):
+    # Containers with host networking share the host name but not the pids: a pid that does not
+    # exist here may be alive there, so only the heartbeat can tell.
+    out = tmp_path / "scores"
+    _write_lock(out, pid_ns="pid:[1]", pid=_dead_pid(), pid_start=None)
+    with pytest.raises(OutputBusy, match="other-run"):
+        OutputLock(out, "mine").acquire()
+    old = datetime.now(timezone.utc) - timedelta(seconds=400)
+    _write_lock(out, pid_ns="pid:[1]", pid=_dead_pid(), heartbeat=old.isoformat())
+    with OutputLock(out, "mine", stale_after_s=300):
+        pass
 
 
 def test_unreadable_lock_is_not_taken_over(tmp_path):
