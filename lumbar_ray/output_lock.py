@@ -98,9 +98,10 @@ class OutputLock:
     """``with OutputLock(out, run_id):`` — hold ``{out}/scoring.lock`` for the run (see module doc)."""
 
     def __init__(self, out: str | os.PathLike, run_id: str, *, heartbeat_s: float = 30.0,
-                 stale_after_s: float = 300.0):
+                 stale_after_s: float = 300.0, wait_s: float = 0.0):
         if stale_after_s <= heartbeat_s:
             raise ValueError("stale_after_s must exceed heartbeat_s")
+        self.wait_s = max(0.0, float(wait_s))  # how long acquire() waits for a held lock
         self.out = os.fspath(out)
         self.path = storage.join(self.out, LOCK_FILE)
         self.run_id = run_id
@@ -161,6 +162,21 @@ class OutputLock:
     # -- holding it
 
     def acquire(self) -> "OutputLock":
+        """Take the lock; while another run holds it, wait up to ``wait_s`` (for it to end, or for
+        its heartbeat to go stale: e.g. a retry on a fresh cluster after the old one died), then
+        raise OutputBusy."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return self._try_acquire()
+            except OutputBusy as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                log.warning("%s; waiting up to %.0f s more", exc, remaining)
+                time.sleep(min(10.0, self.heartbeat_s, remaining))
+
+    def _try_acquire(self) -> "OutputLock":
         for _ in range(3):
             if storage.create_exclusive(self.path, self._body()):
                 self._thread = threading.Thread(target=self._beat, name="output-lock-heartbeat", daemon=True)

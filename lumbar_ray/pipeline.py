@@ -62,6 +62,10 @@ class ScoreConfig:
     buffer_mb: float = 4096.0
     limit: int | None = None
     retry_errors: bool = False
+    # Seconds to wait while another run holds the output (0: refuse at once). Why: a retry on a
+    # fresh cluster after the old one died finds the dead run's lock until its heartbeat goes
+    # stale (5 min); cluster/kuberay/rayjob-score.yaml waits for that instead of failing the retry.
+    lock_wait_s: float = 0.0
     study_ids: list[str] | None = None  # score only these
 
 
@@ -291,7 +295,7 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     run_id = cfg.run_id or time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     # One run per output at a time; taken before listing what is done, so that two runs can
     # never both decide to score the same study.
-    with OutputLock(cfg.out, run_id) as lock:
+    with OutputLock(cfg.out, run_id, wait_s=cfg.lock_wait_s) as lock:
         return _score_locked(cfg, run_id, model_version, lock, echo)
 
 

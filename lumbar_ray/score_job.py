@@ -22,6 +22,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_resource_args(p)
     p.add_argument("--limit", type=int, default=None, help="score at most this many (new) studies")
     p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows")
+    p.add_argument("--lock-wait", type=float, default=d.lock_wait_s,
+                   help="seconds to wait while another run holds --out (its scoring.lock) before giving up")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local runtime")
     return p
@@ -29,7 +31,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(input=args.input, models=args.models, out=args.out, split=args.split, run_id=args.run_id,
-                       limit=args.limit, retry_errors=args.retry_errors, **resource_kwargs(args))
+                       limit=args.limit, retry_errors=args.retry_errors, lock_wait_s=args.lock_wait,
+                       **resource_kwargs(args))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -88,6 +88,18 @@ def test_same_host_name_in_another_pid_namespace_goes_by_the_heartbeat(tmp_path)
         pass
 
 
+def test_acquire_waits_for_a_held_lock_to_go_stale_when_asked(tmp_path):
+    out = tmp_path / "scores"
+    _write_lock(out, host="elsewhere", pid=1)  # heartbeat now
+    with pytest.raises(OutputBusy):
+        OutputLock(out, "mine", heartbeat_s=0.1, stale_after_s=1.0).acquire()  # wait_s=0: at once
+    started = time.monotonic()
+    with OutputLock(out, "mine", heartbeat_s=0.1, stale_after_s=1.0, wait_s=30):
+        waited = time.monotonic() - started
+        assert json.loads((out / LOCK_FILE).read_text())["run_id"] == "mine"
+    assert 0.5 < waited < 10  # until the other host's heartbeat was 1 s old, not the whole 30 s
+
+
 def test_unreadable_lock_is_not_taken_over(tmp_path):
     out = tmp_path / "scores"
     out.mkdir()
