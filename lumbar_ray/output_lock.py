@@ -202,7 +202,9 @@ class OutputLock:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 held = self.read()
-                if not held or held.get("run_id") != self.run_id:
+                if held == {}:
+                    raise ValueError(f"{self.path} cannot be parsed")  # a damaged read: next beat
+                if held is None or held.get("run_id") != self.run_id:
                     who = f"run {held.get('run_id')!r}" if held else "nobody (the lock was deleted)"
                     self.lost = f"run {self.run_id!r} no longer holds {self.path}: it is held by {who}"
                     log.error(self.lost)

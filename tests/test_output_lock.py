@@ -129,6 +129,23 @@ def test_heartbeat_refreshes_and_a_taken_over_run_stops_writing(tmp_path):
     assert json.loads((out / LOCK_FILE).read_text())["run_id"] == "usurper"
 
 
+def test_a_deleted_lock_stops_its_run_but_a_damaged_read_does_not(tmp_path):
+    out = tmp_path / "scores"
+    lock = OutputLock(out, "run", heartbeat_s=0.05, stale_after_s=1.0).acquire()
+    try:
+        (out / LOCK_FILE).write_text("{damaged")
+        time.sleep(0.3)  # several beats
+        assert lock.lost is None
+        (out / LOCK_FILE).unlink()
+        deadline = time.monotonic() + 10
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(OutputBusy, match="deleted"):
+            lock.check()
+    finally:
+        lock.release()
+
+
 def test_create_exclusive_has_one_winner(tmp_path):
     path = tmp_path / "sub" / "x.lock"
     assert storage.create_exclusive(str(path), b"first")
