@@ -27,6 +27,15 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _check_raises_once_lost(lock: OutputLock, why: str) -> None:
+    """Wait (up to 10 s) for the heartbeat thread to notice, then check() must raise."""
+    deadline = time.monotonic() + 10
+    while lock.lost is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(OutputBusy, match=why):
+        lock.check()
+
+
 def test_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
     out = tmp_path / "scores"
     with OutputLock(out, "run-a") as first:
@@ -119,10 +128,7 @@ def test_heartbeat_refreshes_and_a_taken_over_run_stops_writing(tmp_path):
         assert json.loads((out / LOCK_FILE).read_text())["heartbeat"] > first
         # Another run takes the output over (e.g. it judged this run's heartbeat stale).
         _write_lock(out, run_id="usurper")
-        while lock.lost is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(OutputBusy, match="usurper"):
-            lock.check()
+        _check_raises_once_lost(lock, "usurper")
     finally:
         lock.release()
     # Releasing never deletes another run's lock.
@@ -137,11 +143,7 @@ def test_a_deleted_lock_stops_its_run_but_a_damaged_read_does_not(tmp_path):
         time.sleep(0.3)  # several beats
         assert lock.lost is None
         (out / LOCK_FILE).unlink()
-        deadline = time.monotonic() + 10
-        while lock.lost is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(OutputBusy, match="deleted"):
-            lock.check()
+        _check_raises_once_lost(lock, "deleted")
     finally:
         lock.release()
 
