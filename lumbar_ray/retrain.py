@@ -84,24 +84,25 @@ class PromotionLock:
     def path(self) -> str:
         return self.registry._path(*LOCK_NAME.split("/"))
 
+    @property
+    def url(self) -> str:
+        return self.registry.url(*LOCK_NAME.split("/"))
+
     def __enter__(self) -> "PromotionLock":
         body = json.dumps({"owner": self.owner, "pid": os.getpid(),
                            "since": _dt.datetime.now(_dt.timezone.utc).isoformat()}).encode()
-        if not storage.create_exclusive(self.registry.url(*LOCK_NAME.split("/")), body):
+        if not storage.create_exclusive(self.url, body):
             try:
                 held = self.registry.read_json(self.path)
             except Exception:  # noqa: BLE001 - only for the message
                 held = {}
             raise PromotionLockBusy(
-                f"{self.registry.url(*LOCK_NAME.split('/'))} is held by {held.get('owner')} since "
+                f"{self.url} is held by {held.get('owner')} since "
                 f"{held.get('since')}; if that process is gone, delete the lock object")
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self.registry.fs.rm(self.path)
-        except FileNotFoundError:
-            pass
+        storage.remove(self.url)
 
 
 def promote_if_unchanged(registry: ModelRegistry, challenger: str, expected_champion: str | None, reason: str,
