@@ -40,20 +40,25 @@ class OutputBusy(RuntimeError):
     """Another scoring run holds the output root (or took it over from this run)."""
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name (fields 3.. of proc(5)); None without /proc."""
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (fields 3.. of proc(5): [0] state, [3] session,
+    [19] start time); None when the process or /proc is not there."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so split after the last ')'
     return raw[raw.rindex(")") + 2:].split()
+
+
+def _start_time(fields: list[str] | None) -> str | None:
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux): tells a live holder from a
     later process that reuses its pid. None where /proc does not tell."""
-    fields = _stat_fields(pid)
-    return fields[19] if fields and len(fields) > 19 else None
+    return _start_time(proc_stat_fields(pid))
 
 
 def process_alive(pid: int, start: str | None = None) -> bool:
@@ -65,12 +70,13 @@ def process_alive(pid: int, start: str | None = None) -> bool:
         return False
     except PermissionError:  # exists, another user's
         pass
-    fields = _stat_fields(pid)
+    fields = proc_stat_fields(pid)
     if fields is None:
         return True
     if fields[0] in ("Z", "X"):
         return False
-    return start is None or len(fields) <= 19 or fields[19] == str(start)
+    current = _start_time(fields)
+    return start is None or current is None or current == str(start)
 
 
 def pid_namespace() -> str | None:

@@ -46,6 +46,7 @@ from pathlib import Path
 # Free ports (and the private RAY_TMPDIR of in-process clusters) live in the package: make
 # bench-nodes needs them too.
 from lumbar_ray.localcluster import ENV_PORTS, free_ports
+from lumbar_ray.output_lock import proc_stat_fields
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -71,13 +72,8 @@ WORKER_PORTS = 64  # --min-worker-port .. --max-worker-port: one port per worker
 
 
 def _stat_sid(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) state ppid pgrp session ...": comm may hold spaces/parens, split after the last ')'
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[3])
+    fields = proc_stat_fields(pid)
+    return int(fields[3]) if fields else None
 
 
 def _read(pid: int, name: str) -> bytes:
