@@ -26,14 +26,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # the test suite's head helper: free ports, always stopped
 
 import psutil  # noqa: E402
-from raycluster import start_ray_head  # noqa: E402
+from raycluster import _get_json, start_ray_head  # noqa: E402
 
 from lumbar_ray.dicom_io import list_studies  # noqa: E402
 from lumbar_ray.outputs import part_paths, read_errors, read_predictions  # noqa: E402
@@ -84,8 +83,7 @@ def studies_written(out: Path) -> int:
 def job_status(head, submission_id: str) -> str:
     """The job's status from the dashboard's REST API (the `ray job status` CLI would cost this
     2-core machine ~1 s of CPU a poll)."""
-    with urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/{submission_id}", timeout=10) as response:
-        return json.loads(response.read().decode()).get("status", "")
+    return _get_json(f"{head.dashboard_url}/api/jobs/{submission_id}", timeout=10).get("status", "")
 
 
 def driver_pid(head) -> int | None:
