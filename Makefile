@@ -33,11 +33,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m lumbar_ray.bench $(BENCH_ARGS)
+	$(BIN)/python -m lumbar_ray.bench.scoring $(BENCH_ARGS)
 
 # Scoring throughput on 1 .. K Ray nodes (a private multi-node cluster on this machine).
 bench-nodes: setup
-	$(BIN)/python -m lumbar_ray.bench_nodes $(BENCH_NODES_ARGS)
+	$(BIN)/python -m lumbar_ray.bench.nodes $(BENCH_NODES_ARGS)
 
 clean:
 	rm -rf work .pytest_cache

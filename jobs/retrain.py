@@ -6,7 +6,7 @@
 
 import sys
 
-from lumbar_ray.retrain_job import run
+from lumbar_ray.training.retrain_job import run
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -7,7 +7,7 @@
 
 import sys
 
-from lumbar_ray.score_job import run
+from lumbar_ray.scoring.job import run
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -6,7 +6,7 @@
 
 import sys
 
-from lumbar_ray.train_job import run
+from lumbar_ray.training.job import run
 
 if __name__ == "__main__":
     sys.exit(run())

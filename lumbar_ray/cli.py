@@ -31,7 +31,7 @@ def synth(
 ) -> None:
     """Write synthetic RSNA-layout studies whose anatomy shows their labels."""
     _logging(verbose)
-    from lumbar_ray import synth as synth_mod
+    from lumbar_ray.synth import writer as synth_mod
 
     if split not in ("train", "test"):
         raise typer.BadParameter("split must be 'train' or 'test'")
@@ -53,7 +53,7 @@ def contact_sheet_cmd(
     split: str = "train",
 ) -> None:
     """Draw a study's three series with its labelled points (PNG)."""
-    from lumbar_ray import synth as synth_mod
+    from lumbar_ray.synth import writer as synth_mod
 
     typer.echo(str(synth_mod.write_contact_sheet(data, study, to, split=split)))
 
@@ -65,7 +65,7 @@ def inspect(
     split: str = "train",
 ) -> None:
     """Read one study and print its series geometry and any skipped files (JSON)."""
-    from lumbar_ray.dicom_io import read_study
+    from lumbar_ray.dicom.read import read_study
 
     study_obj = read_study(data, study, split=split)
     report = {
@@ -94,7 +94,7 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 @app.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def train(ctx: typer.Context) -> None:
     """Cross-validated training on Ray -> a registry version (same flags as jobs/train.py; --help lists them)."""
-    from lumbar_ray.train_job import run
+    from lumbar_ray.training.job import run
 
     raise typer.Exit(run(list(ctx.args)))
 
@@ -102,7 +102,7 @@ def train(ctx: typer.Context) -> None:
 @app.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def score(ctx: typer.Context) -> None:
     """Bulk scoring on Ray Data -> Parquet (same flags as jobs/score.py; --help lists them)."""
-    from lumbar_ray.score_job import run
+    from lumbar_ray.scoring.job import run
 
     raise typer.Exit(run(list(ctx.args)))
 
@@ -110,7 +110,7 @@ def score(ctx: typer.Context) -> None:
 @app.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def retrain(ctx: typer.Context) -> None:
     """Train a challenger and promote it only if it beats the champion (same flags as jobs/retrain.py)."""
-    from lumbar_ray.retrain_job import run
+    from lumbar_ray.training.retrain_job import run
 
     raise typer.Exit(run(list(ctx.args)))
 
@@ -122,8 +122,8 @@ def champion(
     reason: str = typer.Option("set by an operator", help="Recorded with the pointer."),
 ) -> None:
     """Show the champion, the versions and the recorded decisions; --set pins or rolls back."""
-    from lumbar_ray.registry import ModelRegistry
-    from lumbar_ray.retrain import decisions
+    from lumbar_ray.models.registry import ModelRegistry
+    from lumbar_ray.training.retrain import decisions
 
     reg = ModelRegistry(registry)
     if set_version:
@@ -141,7 +141,7 @@ def export_kaggle_cmd(
     model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
 ) -> None:
     """Write the exact Kaggle submission: row_id,normal_mild,moderate,severe; 25 rows a study."""
-    from lumbar_ray.outputs import export_kaggle
+    from lumbar_ray.outputs.store import export_kaggle
 
     frame = export_kaggle(scores, str(to), model_version=model_version)
     typer.echo(f"wrote {len(frame)} rows ({len(frame) // 25} studies) to {to}")
@@ -154,7 +154,7 @@ def query(
     csv: bool = typer.Option(False, help="Print CSV instead of a table."),
 ) -> None:
     """Run SQL (DuckDB) over the scoring outputs."""
-    from lumbar_ray.outputs import query as run_query
+    from lumbar_ray.outputs.store import query as run_query
 
     frame = run_query(scores, sql)
     typer.echo(frame.to_csv(index=False) if csv else frame.to_string(index=False))
@@ -169,7 +169,7 @@ def evaluate(
 ) -> None:
     """Metric tables: scored outputs vs labels, or a registry version's out-of-fold CV results."""
     if models:
-        from lumbar_ray.registry import ModelRegistry, parse_model_spec
+        from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 
         root, version = parse_model_spec(models)
         registry = ModelRegistry(root)
@@ -179,7 +179,7 @@ def evaluate(
         return
     if not (scores and labels):
         raise typer.BadParameter("give --scores and --labels, or --models")
-    from lumbar_ray.outputs import evaluate_scores
+    from lumbar_ray.outputs.store import evaluate_scores
 
     _, text = evaluate_scores(scores, labels, model_version=model_version)
     typer.echo(text)
@@ -195,7 +195,7 @@ def report(
     model_version: Optional[str] = None,
 ) -> None:
     """One PNG per series: where each level was found and how it was graded."""
-    from lumbar_ray.report import write_study_report
+    from lumbar_ray.outputs.overlays import write_study_report
 
     for png in write_study_report(scores, data, study, str(to), split=split, model_version=model_version):
         typer.echo(png)

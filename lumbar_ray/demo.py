@@ -34,14 +34,14 @@ class DemoSizes:
 
 def run_demo(workdir: Path, studies: int | None = None, seed: int = 7, echo: Callable[[str], None] = print,
              sizes: DemoSizes | None = None) -> dict:
-    from lumbar_ray import synth
+    from lumbar_ray.synth import writer as synth
     from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
-    from lumbar_ray.outputs import evaluate_scores, query
-    from lumbar_ray.pipeline import ScoreConfig, run_scoring
-    from lumbar_ray.registry import ModelRegistry
-    from lumbar_ray.report import write_study_report
+    from lumbar_ray.outputs.store import evaluate_scores, query
+    from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
+    from lumbar_ray.models.registry import ModelRegistry
+    from lumbar_ray.outputs.overlays import write_study_report
     from lumbar_ray.runtime import ray_session
-    from lumbar_ray.train import run_training
+    from lumbar_ray.training.cv import run_training
 
     sizes = sizes or DemoSizes()
     if studies is not None:

@@ -58,7 +58,7 @@ TEST_STUDIES = 6
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small synthetic dataset in the Kaggle layout: a labelled train split and a test split."""
-    from lumbar_ray import synth
+    from lumbar_ray.synth import writer as synth
 
     root = tmp_path_factory.mktemp("rsna")
     synth.synthesize(str(root), n_studies=TRAIN_STUDIES, seed=11, split="train", size="small")
@@ -74,9 +74,9 @@ def trained(synthetic_root, tmp_path_factory):
     the epoch-0 checkpoint: tests/test_training.py checks that.
     """
     from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
-    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.models.registry import ModelRegistry
     from lumbar_ray.runtime import ray_session
-    from lumbar_ray.train import run_training
+    from lumbar_ray.training.cv import run_training
 
     registry = tmp_path_factory.mktemp("registry")
     cfg = TrainConfig(

@@ -12,7 +12,7 @@ Two kinds:
   period. ``ray stop`` is never used: it kills every Ray instance on the machine (other tests,
   other developers).
 - In-process multi-node clusters (``ray.cluster_utils.Cluster``) use the package's
-  :mod:`lumbar_ray.localcluster` (``private_ray_tmpdir``, ``node_args``): ``make bench-nodes``
+  :mod:`lumbar_ray.bench.localcluster` (``private_ray_tmpdir``, ``node_args``): ``make bench-nodes``
   starts the same kind of cluster.
 
 Temp dirs are short paths under ``/tmp`` on purpose: Ray puts unix sockets under
@@ -45,8 +45,8 @@ from pathlib import Path
 
 # Free ports (and the private RAY_TMPDIR of in-process clusters) live in the package: make
 # bench-nodes needs them too.
-from lumbar_ray.localcluster import ENV_PORTS, free_ports
-from lumbar_ray.output_lock import proc_stat_fields
+from lumbar_ray.bench.localcluster import ENV_PORTS, free_ports
+from lumbar_ray.scoring.output_lock import proc_stat_fields
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lumbar_ray.localcluster import is_port_free
+from lumbar_ray.bench.localcluster import is_port_free
 
 ACCESS_KEY = "lumbar-test-key"
 SECRET_KEY = "lumbar-test-secret-0123456789"

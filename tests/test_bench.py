@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from lumbar_ray import bench
-from lumbar_ray.dicom_io import Series, Study
+from lumbar_ray.bench import scoring as bench
+from lumbar_ray.dicom.read import Series, Study
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS, targets_for_series
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _ultralytics_offline(tmp_path_factory):
     if "ultralytics" not in sys.modules:
-        from lumbar_ray import ultralytics_env
+        from lumbar_ray.models import ultralytics_env
 
         ultralytics_env.configure(tmp_path_factory.mktemp("ultralytics"))
     # One thread: tiny tensors gain nothing from more, and a busy 2-core machine makes OpenMP's
@@ -69,8 +69,8 @@ def _series(series_type: str, n: int, rows: int, cols: int, seed: int) -> Series
 
 
 def _bundle():
-    from lumbar_ray.scorer import DeepScoreNet
-    from lumbar_ray.scoring import ModelBundle
+    from lumbar_ray.models.deepscorenet import DeepScoreNet
+    from lumbar_ray.scoring.study import ModelBundle
 
     torch.manual_seed(0)
     scorer = DeepScoreNet(in_channels=3)
@@ -91,7 +91,7 @@ def _study() -> Study:
 
 
 def test_paper_loop_equals_batched_package_path():
-    from lumbar_ray.scoring import study_rows
+    from lumbar_ray.scoring.study import study_rows
 
     bundle, study = _bundle(), _study()
     counter = bench.watch_bundle(bundle)
@@ -127,7 +127,7 @@ def test_per_crop_proba_one_call_per_crop_and_empty():
     probs = bench.per_crop_proba(bundle.scorer, crops)
     counter.remove()
     assert counter.calls["scorer"] == 5 and counter.max_batch["scorer"] == 1
-    from lumbar_ray.scorer import predict_proba
+    from lumbar_ray.models.deepscorenet import predict_proba
 
     np.testing.assert_allclose(probs, predict_proba(bundle.scorer, crops, batch_size=256), atol=1e-5)
     assert bench.per_crop_proba(bundle.scorer, crops[:0]).shape == (0, 3)
@@ -135,7 +135,7 @@ def test_per_crop_proba_one_call_per_crop_and_empty():
 
 def test_real_yolo_is_batch_invariant_in_eval_mode():
     """The real YOLOv8n graph gives the same outputs one slice at a time as batched."""
-    from lumbar_ray.detector import build_detector, preprocess_slices
+    from lumbar_ray.models.detector import build_detector, preprocess_slices
 
     model = build_detector(AXIAL_T2, imgsz=64, seed=0).eval()
     vol = np.random.default_rng(1).uniform(0, 1, (5, 80, 70)).astype(np.float32)
@@ -203,7 +203,7 @@ def test_args_and_gpu_defaults():
     assert kw["detector_gpus"] == 0.0 and kw["scorer_gpus"] == 0.0 and kw["detector_pool"] == 1
     gpu = bench._score_kwargs(p.parse_args(["--num-gpus", "2", "--size", "full"]), "/data", "/reg@v1")
     assert gpu["detector_pool"] == 2 and gpu["detector_gpus"] == 0.75 and gpu["scorer_gpus"] == 0.25
-    from lumbar_ray.pipeline import ScoreConfig
+    from lumbar_ray.scoring.pipeline import ScoreConfig
 
     ScoreConfig(out="/o", **gpu)  # every key is a ScoreConfig field
 
@@ -218,7 +218,7 @@ def test_aggregate_takes_the_median_round_and_the_highest_peak():
 
 
 def test_node_scaling_table_and_arguments():
-    from lumbar_ray import bench_nodes
+    from lumbar_ray.bench import nodes as bench_nodes
 
     rows = [
         {"nodes": 1, "cpus": 1.0, "detector_pool": 1, "studies": 6, "seconds": 12.0, "studies_per_s": 0.5},
@@ -236,7 +236,7 @@ def test_node_scaling_table_and_arguments():
 
 
 def test_stage_costs_report_every_stage(tmp_path):
-    from lumbar_ray import bench_stages
+    from lumbar_ray.bench import stages as bench_stages
 
     lines: list[str] = []
     args = bench_stages.get_args_parser().parse_args(

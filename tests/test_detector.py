@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lumbar_ray import detector as D
-from lumbar_ray.dicom_io import Series
+from lumbar_ray.models import detector as D
+from lumbar_ray.dicom.read import Series
 from lumbar_ray.targets import (
     AXIAL_T2,
     SAGITTAL_T1,
@@ -32,7 +32,7 @@ from lumbar_ray.targets import (
 def _ultralytics_offline(tmp_path_factory):
     """A private Ultralytics config dir for this test process (if nothing imported it yet)."""
     if "ultralytics" not in sys.modules:
-        from lumbar_ray import ultralytics_env
+        from lumbar_ray.models import ultralytics_env
 
         ultralytics_env.configure(tmp_path_factory.mktemp("ultralytics"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -43,7 +43,7 @@ def _ultralytics_offline(tmp_path_factory):
 
 @dataclass
 class FakeSeries:
-    """The fields of lumbar_ray.dicom_io.Series the detector uses."""
+    """The fields of lumbar_ray.dicom.read.Series the detector uses."""
 
     study_id: int
     series_id: int
@@ -685,10 +685,10 @@ def test_no_network_access(tmp_path):
         socket.socket.connect_ex = refuse("connect_ex")
         socket.create_connection = refuse("create_connection")
         socket.getaddrinfo = refuse("getaddrinfo")
-        from lumbar_ray import ultralytics_env
+        from lumbar_ray.models import ultralytics_env
         cfg = ultralytics_env.configure(sys.argv[1])
         import torch
-        from lumbar_ray import detector as D
+        from lumbar_ray.models import detector as D
         from lumbar_ray.targets import SAGITTAL_T1
         m = D.build_detector(SAGITTAL_T1, imgsz=64)
         loss_fn = D.make_loss_fn(m)
@@ -723,7 +723,7 @@ def test_no_network_access(tmp_path):
 
 
 def test_no_side_effects_at_import():
-    code = "import sys, lumbar_ray.detector, lumbar_ray.ultralytics_env; print('ultralytics' in sys.modules)"
+    code = "import sys, lumbar_ray.models.detector, lumbar_ray.models.ultralytics_env; print('ultralytics' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from lumbar_ray import dicom_io
-from lumbar_ray.dicom_io import (
+from lumbar_ray.dicom import read as dicom_io
+from lumbar_ray.dicom.read import (
     AbsurdImageSizeError,
     DicomReadError,
     EmptyFileError,
@@ -31,7 +31,7 @@ from lumbar_ray.dicom_io import (
     read_series,
     read_study,
 )
-from lumbar_ray.dicom_write import uid_for, write_mr_series
+from lumbar_ray.dicom.write import uid_for, write_mr_series
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 
 REAL_NIFTI = Path(__file__).resolve().parents[2] / "shared" / "real_mri" / "t2_lumbar.nii.gz"
@@ -502,7 +502,7 @@ def test_missing_study_and_split(tmp_path):
 def test_real_nifti_round_trip(tmp_path):
     import nibabel as nib
 
-    from lumbar_ray.nifti import nifti_to_dicom_series
+    from lumbar_ray.dicom.nifti import nifti_to_dicom_series
 
     out = tmp_path / "train_images" / "77" / "770"
     files = nifti_to_dicom_series(str(REAL_NIFTI), str(out), study_id=77)

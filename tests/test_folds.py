@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 import lumbar_ray
-from lumbar_ray.folds import assign_folds, fold_class_balance, read_folds, write_folds
-from lumbar_ray.metrics import family_of, long_labels
+from lumbar_ray.training.folds import assign_folds, fold_class_balance, read_folds, write_folds
+from lumbar_ray.metrics.rsna import family_of, long_labels
 from lumbar_ray.targets import TARGET_COLUMNS
 
 LABELS_CSV = Path(lumbar_ray.__file__).parent / "data" / "rsna2024_train_labels.csv.gz"

@@ -19,13 +19,13 @@ def test_gpu_training_then_gpu_pipeline_equals_in_process_loop(synthetic_root, t
     then score with both actor pools on the GPU: the Ray pipeline equals the in-process loop on
     the same device."""
     from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
-    from lumbar_ray.dicom_io import list_studies
-    from lumbar_ray.outputs import read_predictions
-    from lumbar_ray.pipeline import ScoreConfig, run_scoring
-    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.dicom.read import list_studies
+    from lumbar_ray.outputs.store import read_predictions
+    from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
+    from lumbar_ray.models.registry import ModelRegistry
     from lumbar_ray.runtime import ray_session
-    from lumbar_ray.scoring import ModelBundle, score_in_process
-    from lumbar_ray.train import run_training
+    from lumbar_ray.scoring.study import ModelBundle, score_in_process
+    from lumbar_ray.training.cv import run_training
 
     registry = tmp_path / "registry"
     cfg = TrainConfig(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from lumbar_ray.localcluster import ENV_PORTS, free_ports, is_port_free, node_args, private_ray_tmpdir, port_window
+from lumbar_ray.bench.localcluster import ENV_PORTS, free_ports, is_port_free, node_args, private_ray_tmpdir, port_window
 
 
 def test_free_ports_are_distinct_free_and_below_the_ephemeral_range():

@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import log_loss
 
 import lumbar_ray
-from lumbar_ray.folds import assign_folds
-from lumbar_ray.metrics import (
+from lumbar_ray.training.folds import assign_folds
+from lumbar_ray.metrics.rsna import (
     ANY_SEVERE,
     PROBS,
     baseline_oof_predictions,

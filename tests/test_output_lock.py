@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from lumbar_ray import storage
-from lumbar_ray.output_lock import LOCK_FILE, OutputBusy, OutputLock, pid_namespace, process_alive, process_start
+from lumbar_ray.scoring.output_lock import LOCK_FILE, OutputBusy, OutputLock, pid_namespace, process_alive, process_start
 
 
 def _write_lock(out, **fields) -> None:
@@ -54,7 +54,7 @@ def test_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
 def test_lock_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path, caplog):
     out = tmp_path / "scores"
     _write_lock(out, pid=_dead_pid(), pid_start=None)
-    with caplog.at_level("WARNING", logger="lumbar_ray.output_lock"):
+    with caplog.at_level("WARNING", logger="lumbar_ray.scoring.output_lock"):
         with OutputLock(out, "rerun"):
             assert json.loads((out / LOCK_FILE).read_text())["run_id"] == "rerun"
     assert "taking over" in caplog.text and "other-run" in caplog.text and "is gone" in caplog.text

@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import lumbar_ray
-from lumbar_ray import metrics, outputs, storage
-from lumbar_ray.outputs import (
+from lumbar_ray import storage
+from lumbar_ray.metrics import rsna as metrics
+from lumbar_ray.outputs import store as outputs
+from lumbar_ray.outputs.store import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     OutputWriter,
@@ -287,7 +289,7 @@ def test_rerun_without_resume_keeps_latest_run(tmp_path, caplog):
     out = tmp_path / "out"
     OutputWriter(out, "old", "v").write(many(["1"], seed=1))
     OutputWriter(out, "new", "v").write(many(["1"], seed=2))
-    with caplog.at_level(logging.WARNING, logger="lumbar_ray.outputs"):
+    with caplog.at_level(logging.WARNING, logger="lumbar_ray.outputs.store"):
         sel = select_scores(out)
     assert "several runs" in caplog.text
     assert len(sel) == 25 and set(sel["run_id"]) == {"new"}

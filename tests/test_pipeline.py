@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lumbar_ray.pipeline import pack_volumes
+from lumbar_ray.scoring.pipeline import pack_volumes
 
 
 def test_pack_volumes_is_lossless_or_leaves_the_volume_alone():
@@ -28,8 +28,9 @@ def test_pack_volumes_is_lossless_or_leaves_the_volume_alone():
 
 
 def test_score_job_and_bench_share_the_resource_flags():
-    from lumbar_ray import bench, score_job
-    from lumbar_ray.pipeline import RESOURCE_FIELDS, ScoreConfig
+    from lumbar_ray.bench import scoring as bench
+    from lumbar_ray.scoring import job as score_job
+    from lumbar_ray.scoring.pipeline import RESOURCE_FIELDS, ScoreConfig
 
     flags = ["--read-cpus", "0.25", "--read-batch-studies", "2", "--detector-pool", "3", "--detector-cpus", "2",
              "--detector-gpus", "0.5", "--detector-batch-studies", "2", "--scorer-pool", "2", "--scorer-cpus", "1",

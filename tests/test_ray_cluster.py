@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumbar_ray.outputs import read_predictions
+from lumbar_ray.outputs.store import read_predictions
 from lumbar_ray.targets import TARGETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -32,7 +32,7 @@ PROBS = ["normal_mild", "moderate", "severe"]
 
 
 def _test_ids(root) -> list[str]:
-    from lumbar_ray.dicom_io import list_studies
+    from lumbar_ray.dicom.read import list_studies
 
     return [str(s) for s in list_studies(str(root), "test")]
 
@@ -131,7 +131,7 @@ def two_node_cluster(trained):
 
     from raycluster import end_processes
 
-    from lumbar_ray.localcluster import node_args, private_ray_tmpdir
+    from lumbar_ray.bench.localcluster import node_args, private_ray_tmpdir
 
     assert not ray.is_initialized()
     with private_ray_tmpdir() as temp_dir:
@@ -169,7 +169,7 @@ def _actor_nodes(class_part: str) -> list[str]:
 
 def test_two_node_scoring_uses_both_nodes_and_equals_single_node(two_node_cluster, job_scores, synthetic_root,
                                                                    trained, tmp_path):
-    from lumbar_ray.pipeline import ScoreConfig, run_scoring
+    from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
 
     ids = _test_ids(synthetic_root)
     # Sizes that leave the scheduler one choice: a detector actor takes 0.6 CPU, so two never fit
@@ -200,7 +200,7 @@ def test_two_node_scoring_uses_both_nodes_and_equals_single_node(two_node_cluste
 
 def test_two_node_cross_validation_runs_folds_on_both_nodes(two_node_cluster, synthetic_root, tmp_path):
     from lumbar_ray.config import ResourceConfig, ScorerConfig, TrainConfig
-    from lumbar_ray.train import run_training
+    from lumbar_ray.training.cv import run_training
 
     # One 1-CPU worker per fold trial and 1 CPU per node: the two folds run at once, one per node.
     cfg = TrainConfig(data=str(synthetic_root), registry=str(tmp_path / "registry"), folds=2, seed=0,

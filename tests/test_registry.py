@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lumbar_ray.registry import (
+from lumbar_ray.models.registry import (
     ChecksumMismatchError,
     ModelRegistry,
     RegistryError,

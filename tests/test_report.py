@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from lumbar_ray import report
-from lumbar_ray.outputs import OutputWriter
-from lumbar_ray.report import write_study_report
+from lumbar_ray.outputs import overlays as report
+from lumbar_ray.outputs.store import OutputWriter
+from lumbar_ray.outputs.overlays import write_study_report
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS
 
 SIZE = 96
@@ -97,8 +97,8 @@ def test_missing_series_and_no_detections(tmp_path, monkeypatch):
 
 def test_real_dicom_study(tmp_path):
     """The same report from DICOM files written with dicom_write and read with dicom_io."""
-    pytest.importorskip("lumbar_ray.dicom_io")
-    from lumbar_ray.dicom_write import uid_for, write_mr_series
+    pytest.importorskip("lumbar_ray.dicom.read")
+    from lumbar_ray.dicom.write import uid_for, write_mr_series
 
     root, study_id, split = tmp_path / "data", "4242", "test"
     geometry = {

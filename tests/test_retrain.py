@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from lumbar_ray.registry import ModelRegistry
-from lumbar_ray.retrain import (
+from lumbar_ray.models.registry import ModelRegistry
+from lumbar_ray.training.retrain import (
     PromotionLock,
     PromotionLockBusy,
     decisions,
@@ -89,8 +89,8 @@ def test_retrain_that_is_not_better_leaves_the_champion(ray_runtime, synthetic_r
     import shutil
 
     from lumbar_ray.config import DetectorConfig, ScorerConfig, TrainConfig
-    from lumbar_ray.dicom_io import list_studies
-    from lumbar_ray.retrain import RetrainConfig, run_retrain
+    from lumbar_ray.dicom.read import list_studies
+    from lumbar_ray.training.retrain import RetrainConfig, run_retrain
 
     registry_root = tmp_path / "registry"
     shutil.copytree(trained.registry, registry_root)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumbar_ray.scorer import (
+from lumbar_ray.models.deepscorenet import (
     AugmentConfig,
     CropDataset,
     DeepScoreNet,
@@ -310,7 +310,7 @@ def test_grade_crops_on_cpu_uses_one_batch_size(model):
     """Scoring actors grade in fixed CPU batches whatever a call's crop count (flat memory)."""
     from types import SimpleNamespace
 
-    from lumbar_ray.scoring import CPU_GRADE_BATCH, grade_crops
+    from lumbar_ray.scoring.study import CPU_GRADE_BATCH, grade_crops
 
     bundle = SimpleNamespace(parts=("scorer",), device=torch.device("cpu"), scorer=model, version="v")
     rng = np.random.default_rng(4)
@@ -327,7 +327,7 @@ def test_grade_crops_on_cpu_uses_one_batch_size(model):
 
 
 def test_prepare_for_inference_folds_batchnorm_and_keeps_probabilities():
-    from lumbar_ray.scorer import prepare_for_inference
+    from lumbar_ray.models.deepscorenet import prepare_for_inference
 
     torch.manual_seed(0)
     net = DeepScoreNet()

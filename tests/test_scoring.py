@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lumbar_ray.outputs import part_paths, read_errors, read_predictions
-from lumbar_ray.pipeline import ScoreConfig, run_scoring
+from lumbar_ray.outputs.store import part_paths, read_errors, read_predictions
+from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
 from lumbar_ray.targets import TARGETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -27,7 +27,7 @@ def _score(root, registry, out, **kw):
 
 
 def _test_ids(root):
-    from lumbar_ray.dicom_io import list_studies
+    from lumbar_ray.dicom.read import list_studies
 
     return list_studies(str(root), "test")
 
@@ -45,7 +45,7 @@ def test_pipeline_end_to_end_and_equal_to_in_process_loop(ray_runtime, synthetic
     assert (preds["model_version"] == trained.version).all()
 
     # The same models and studies through a plain in-process loop give the same probabilities.
-    from lumbar_ray.scoring import ModelBundle, score_in_process
+    from lumbar_ray.scoring.study import ModelBundle, score_in_process
 
     bundle = ModelBundle.from_registry(f"{trained.registry}@{trained.version}", device="cpu")
     # One torch thread, as in the actors (Ray sets their OMP_NUM_THREADS to their 1 CPU): the
@@ -76,8 +76,8 @@ def test_pipeline_end_to_end_and_equal_to_in_process_loop(ray_runtime, synthetic
 def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, trained):
     """The detector actors load no DeepScoreNet and the scorer actors no detector (nor
     Ultralytics): together they give what the whole bundle gives."""
-    from lumbar_ray.dicom_io import read_study
-    from lumbar_ray.scoring import ModelBundle, detect_study, grade_crops
+    from lumbar_ray.dicom.read import read_study
+    from lumbar_ray.scoring.study import ModelBundle, detect_study, grade_crops
 
     spec = f"{trained.registry}@{trained.version}"
     whole = ModelBundle.from_registry(spec, device="cpu")
@@ -110,7 +110,7 @@ def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, t
         ModelBundle.from_registry(spec, parts=("scorer", "tokenizer"))
 
     # In a fresh process (as in a scorer actor), loading the scorer imports no Ultralytics.
-    code = ("import sys; from lumbar_ray.scoring import ModelBundle; "
+    code = ("import sys; from lumbar_ray.scoring.study import ModelBundle; "
             f"ModelBundle.from_registry({spec!r}, device='cpu', parts=('scorer',)); "
             "print('ultralytics' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -121,7 +121,7 @@ def test_stage_bundles_load_only_their_part_and_score_the_same(synthetic_root, t
 def test_dataset_settings_reach_this_dataset_only(ray_runtime):
     import ray
 
-    from lumbar_ray.pipeline import build_dataset
+    from lumbar_ray.scoring.pipeline import build_dataset
 
     before = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
     capped = build_dataset(ScoreConfig(input="x", models="m", out="o", buffer_mb=512), ["1", "2"], "r", None)
@@ -200,8 +200,8 @@ def test_scoring_from_and_to_s3_equals_local(ray_runtime, synthetic_root, traine
 def test_second_run_on_an_output_in_use_is_refused(ray_runtime, synthetic_root, trained, tmp_path, capsys):
     """Two runs on one output would score the same studies twice (and on 2 CPUs their actor pools
     can wait for each other for ever): the second one is refused before it scores anything."""
-    from lumbar_ray import score_job
-    from lumbar_ray.output_lock import OutputBusy, OutputLock
+    from lumbar_ray.scoring import job as score_job
+    from lumbar_ray.scoring.output_lock import OutputBusy, OutputLock
 
     out = tmp_path / "scores"
     with OutputLock(out, "first-run"):

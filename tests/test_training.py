@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lumbar_ray.config import SCORER
-from lumbar_ray.registry import ChecksumMismatchError, ModelRegistry
+from lumbar_ray.models.registry import ChecksumMismatchError, ModelRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -62,7 +62,7 @@ def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
 
 
 def test_best_folds_pick_each_models_best_validated_fold():
-    from lumbar_ray.train import best_folds
+    from lumbar_ray.training.cv import best_folds
 
     det = pd.DataFrame({"detector": ["a", "a", "a", "b", "b", "b"], "fold": ["0", "1", "all"] * 2,
                         "within_5mm": [0.0, 0.39, 0.2, 0.9, 0.9, 0.9]})
@@ -74,7 +74,7 @@ def test_best_folds_pick_each_models_best_validated_fold():
 
 
 def test_detector_metrics_in_plane_and_in_patient_space():
-    from lumbar_ray.train import detector_metrics
+    from lumbar_ray.training.cv import detector_metrics
 
     records = pd.DataFrame({
         "job": ["det"] * 4, "fold": [0, 0, 1, 1],
@@ -112,7 +112,7 @@ def test_manifest_checksums_match_and_tampered_weights_are_refused(trained, tmp_
     weights.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatchError):
         ModelRegistry(str(copy)).fetch(trained.version, "scorer.pt", tmp_path / "dl")
-    from lumbar_ray.scoring import ModelBundle
+    from lumbar_ray.scoring.study import ModelBundle
 
     with pytest.raises(ChecksumMismatchError):
         ModelBundle.from_registry(f"{copy}@{trained.version}", device="cpu")
@@ -126,7 +126,7 @@ def test_ray_train_and_tune_storage_on_s3(synthetic_root, tmp_path, s3_env):
     from lumbar_ray.config import ScorerConfig, TrainConfig
     from lumbar_ray.runtime import ray_session
     from lumbar_ray.storage import filesystem_for
-    from lumbar_ray.train import run_training
+    from lumbar_ray.training.cv import run_training
 
     storage = f"s3://{s3_env.bucket}/train-runs"
     registry = tmp_path / "registry"

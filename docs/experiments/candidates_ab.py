@@ -24,9 +24,9 @@ def main() -> None:
 
     import torch
 
-    from lumbar_ray import scoring
-    from lumbar_ray.detector import detect_series
-    from lumbar_ray.dicom_io import list_studies, load_descriptions, read_study
+    from lumbar_ray.scoring import study as scoring
+    from lumbar_ray.models.detector import detect_series
+    from lumbar_ray.dicom.read import list_studies, load_descriptions, read_study
 
     torch.set_num_threads(1)
     bundle = scoring.ModelBundle.from_registry(args.models, parts=("detectors",))

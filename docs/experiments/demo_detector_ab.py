@@ -16,10 +16,11 @@ import pandas as pd
 import torch
 
 torch.set_num_threads(1)
-from lumbar_ray import dicom_io, ultralytics_env  # noqa: E402
+from lumbar_ray import ultralytics_env  # noqa: E402
+from lumbar_ray.dicom import read as dicom_io
 
 ultralytics_env.configure()
-from lumbar_ray.detector import (HitRates, detect_series, detector_hit_rates, fit_detector,  # noqa: E402
+from lumbar_ray.models.detector import (HitRates, detect_series, detector_hit_rates, fit_detector,  # noqa: E402
                                  load_detector_samples, select_target_detections)
 
 root, folds_path, series_type, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])

@@ -10,9 +10,10 @@ rule of select_target_detections on the same detections of fold 0's validation s
 """
 import sys, json, time, numpy as np, pandas as pd, torch
 torch.set_num_threads(1)
-from lumbar_ray import ultralytics_env, dicom_io
+from lumbar_ray.models import ultralytics_env
+from lumbar_ray.dicom import read as dicom_io
 ultralytics_env.configure()
-from lumbar_ray.detector import (load_detector_samples, fit_detector, detect_series, select_target_detections,
+from lumbar_ray.models.detector import (load_detector_samples, fit_detector, detect_series, select_target_detections,
                                  detector_hit_rates, HitRates)
 R = sys.argv[4]  # the synthetic set (cv200)
 # a CV version's artifacts (registry/runs/VERSION/artifacts): its fold-0 validation studies are reused

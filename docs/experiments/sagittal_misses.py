@@ -18,9 +18,9 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from lumbar_ray import synth
-from lumbar_ray.phantom import PatientModel
-from lumbar_ray.registry import ModelRegistry, parse_model_spec
+from lumbar_ray.synth import writer as synth
+from lumbar_ray.synth.phantom import PatientModel
+from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS
 
 

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the test suite's head helper: free po
 import psutil  # noqa: E402
 from raycluster import _get_json, start_ray_head  # noqa: E402
 
-from lumbar_ray.dicom_io import list_studies  # noqa: E402
-from lumbar_ray.outputs import part_paths, read_errors, read_predictions  # noqa: E402
+from lumbar_ray.dicom.read import list_studies  # noqa: E402
+from lumbar_ray.outputs.store import part_paths, read_errors, read_predictions  # noqa: E402
 from lumbar_ray.targets import TARGETS  # noqa: E402
 
 

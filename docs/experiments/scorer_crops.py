@@ -1,8 +1,8 @@
 """Cache the scorer crops of cv200 for scorer_ab.py: python docs/experiments/scorer_crops.py {repeat|adjacent} {none|MM}"""
 import sys, pickle, numpy as np, pandas as pd
 from concurrent.futures import ProcessPoolExecutor
-from lumbar_ray.labels import read_labels, read_coordinates, labelled_points
-from lumbar_ray.examples import study_examples
+from lumbar_ray.metrics.labels import read_labels, read_coordinates, labelled_points
+from lumbar_ray.training.examples import study_examples
 from lumbar_ray.config import ScorerConfig
 R = "cv200"  # lumbar-ray synth --out cv200 --studies 200 --seed 2024 --size small
 channels, mm = sys.argv[1], (None if sys.argv[2] == "none" else float(sys.argv[2]))

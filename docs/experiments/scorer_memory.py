@@ -39,8 +39,8 @@ def run_mode(mode: str, calls: int, max_crops: int) -> None:
     import numpy as np
     import torch
 
-    from lumbar_ray.scorer import DeepScoreNet, predict_proba, prepare_for_inference
-    from lumbar_ray.scoring import grade_crops
+    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba, prepare_for_inference
+    from lumbar_ray.scoring.study import grade_crops
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -70,8 +70,8 @@ def rates(counts=(110, 400), rounds: int = 3, passes: int = 3) -> None:
     import numpy as np
     import torch
 
-    from lumbar_ray.scorer import DeepScoreNet, predict_proba, prepare_for_inference
-    from lumbar_ray.scoring import grade_crops
+    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba, prepare_for_inference
+    from lumbar_ray.scoring.study import grade_crops
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

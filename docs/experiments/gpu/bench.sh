@@ -13,16 +13,16 @@ common=(--data "$DATA" --models "$MODELS" --size full --num-gpus 1 --read-cpus 1
 # (preprocess, forward, candidates with their copy to the host, boxes, selection + crops, grading): the
 # first run found ~110 ms a study of host-side work in (c) and could not say where.
 log "per-step profile of the champion on cuda (bench_stages)"
-timeout 120 python3 -m lumbar_ray.bench_stages --device cuda --models "$MODELS" --imgsz 128 --data "$DATA" \
+timeout 120 python3 -m lumbar_ray.bench.stages --device cuda --models "$MODELS" --imgsz 128 --data "$DATA" \
   --studies 8 --repeat 3 2>&1 | tee "$OUT/stages_gpu.log"
 log "(a), (b), (c): 20 and 100 studies"
-timeout 330 python3 -m lumbar_ray.bench "${common[@]}" --n 20 --scale 5 \
+timeout 330 python3 -m lumbar_ray.bench.scoring "${common[@]}" --n 20 --scale 5 \
   --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
 # More detector actors: each one's per-study host work (copies, selection, crops) is the limit.
 for pool in ${POOLS:-2 4 6}; do
   log "(a) alone, 40 and 200 studies, $pool detector actor(s)"
   gpus=$(python3 -c "print(round(0.75 / $pool, 3))")
-  timeout 150 python3 -m lumbar_ray.bench "${common[@]}" --paths a --n 40 --scale 5 --detector-pool $pool \
+  timeout 150 python3 -m lumbar_ray.bench.scoring "${common[@]}" --paths a --n 40 --scale 5 --detector-pool $pool \
     --detector-gpus "$gpus" --json "$OUT/bench_gpu_a_pool$pool.json" 2>&1 | tail -25 | tee "$OUT/bench_gpu_a_pool$pool.log"
 done
 log "done"

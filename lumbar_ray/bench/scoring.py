@@ -1,8 +1,8 @@
-"""`make bench` / ``python -m lumbar_ray.bench``: a benchmark, not a test.
+"""`make bench` / ``python -m lumbar_ray.bench.scoring``: a benchmark, not a test.
 
 Same studies, same models, one run, three ways:
 
-(a) **pipeline** — the Ray Data pipeline (:func:`lumbar_ray.pipeline.run_scoring`) into a
+(a) **pipeline** — the Ray Data pipeline (:func:`lumbar_ray.scoring.pipeline.run_scoring`) into a
     temporary output; resources from the flags (default: a local Ray runtime on this machine).
 (b) **paper loop** — the source paper's predictor style: one process, one detector forward call
     per slice (batch of 1) and one DeepScoreNet call per crop (batch of 1). It reuses the
@@ -225,7 +225,7 @@ class CallCounter:
 
 def watch_bundle(bundle, counter: CallCounter | None = None) -> CallCounter:
     """Count the detector (all series types together) and DeepScoreNet forward calls of a bundle."""
-    from lumbar_ray.detector import unwrap_model
+    from lumbar_ray.models.detector import unwrap_model
 
     counter = counter or CallCounter()
     for detector in bundle.detectors.values():
@@ -237,7 +237,7 @@ def watch_bundle(bundle, counter: CallCounter | None = None) -> CallCounter:
 def per_crop_proba(model, crops: np.ndarray, device="cpu") -> np.ndarray:
     """DeepScoreNet probabilities with one forward call per crop (batch of 1), as the paper's
     predictor does; the package's :func:`scorer.predict_proba` on each crop."""
-    from lumbar_ray.scorer import NUM_CLASSES, predict_proba
+    from lumbar_ray.models.deepscorenet import NUM_CLASSES, predict_proba
 
     parts = [predict_proba(model, crops[i : i + 1], batch_size=1, device=device) for i in range(len(crops))]
     return np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES), np.float32)
@@ -247,7 +247,7 @@ def paper_style_predict(bundle, study):
     """One study the paper's way: every slice of each series through its detector one at a time
     (:func:`scoring.detect_study` with ``batch_size=1``: one forward call per slice), then one
     DeepScoreNet call per detected crop. Returns ``(DetectedStudy, probs)``."""
-    from lumbar_ray import scoring
+    from lumbar_ray.scoring import study as scoring
 
     detected = scoring.detect_study(bundle, study, batch_size=1)
     return detected, per_crop_proba(bundle.scorer, detected.crops, device=bundle.device)
@@ -255,7 +255,7 @@ def paper_style_predict(bundle, study):
 
 def batched_predict(bundle, study, slice_batch: int = 32):
     """The same study the pipeline's way (all slices of a series in batches, all crops at once)."""
-    from lumbar_ray import scoring
+    from lumbar_ray.scoring import study as scoring
 
     detected = scoring.detect_study(bundle, study, batch_size=slice_batch)
     return detected, scoring.grade_crops(bundle, detected.crops)
@@ -267,8 +267,8 @@ def paper_style_loop(bundle, root: str, study_ids: Sequence[str], split: str = "
     at the end when ``out_parquet`` is given. Returns ``(n_scored, n_failed)``."""
     import pandas as pd
 
-    from lumbar_ray import scoring
-    from lumbar_ray.dicom_io import load_descriptions, read_study
+    from lumbar_ray.scoring import study as scoring
+    from lumbar_ray.dicom.read import load_descriptions, read_study
 
     descriptions = load_descriptions(root, split)
     now = pd.Timestamp.now(tz="UTC")
@@ -295,7 +295,7 @@ def paper_style_loop(bundle, root: str, study_ids: Sequence[str], split: str = "
 def detectors_alone(bundle, studies: Sequence, slice_batch: int = 32) -> int:
     """(c): every series of every preloaded study through its detector, batched as in the
     pipeline (:func:`detector.detect_series`). Returns the number of slices."""
-    from lumbar_ray.detector import detect_series
+    from lumbar_ray.models.detector import detect_series
 
     n = 0
     for study in studies:
@@ -526,11 +526,11 @@ def phase_build_registry(workdir: str, registry: str, imgsz: int, seed: int, num
     """A small, quickly trained registry (accuracy irrelevant, speed realistic): `lumbar-ray synth`
     of small training studies + `lumbar-ray train --folds 2 --epochs E --no-final-fit --champion`."""
     _phase_setup()
-    from lumbar_ray import synth
+    from lumbar_ray.synth import writer as synth
     from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
-    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.models.registry import ModelRegistry
     from lumbar_ray.runtime import ray_session
-    from lumbar_ray.train import run_training
+    from lumbar_ray.training.cv import run_training
 
     data = str(Path(workdir) / f"train-small-seed{seed}-n{train_studies}")
     if not (Path(data) / "train.csv").exists():
@@ -540,7 +540,7 @@ def phase_build_registry(workdir: str, registry: str, imgsz: int, seed: int, num
                       resources=ResourceConfig())
     with ray_session(num_cpus=num_cpus):
         outcome = run_training(cfg, echo=lambda m: None)
-    ModelRegistry(registry).set_champion(outcome.version, reason="lumbar_ray.bench development registry")
+    ModelRegistry(registry).set_champion(outcome.version, reason="lumbar_ray.bench.scoring development registry")
     return f"{registry}@{outcome.version}"
 
 
@@ -554,8 +554,8 @@ def phase_in_process(path: str, models: str, root: str, split: str, id_sets: lis
     if threads:
         torch.set_num_threads(int(threads))
 
-    from lumbar_ray import scoring
-    from lumbar_ray.dicom_io import load_descriptions, read_study
+    from lumbar_ray.scoring import study as scoring
+    from lumbar_ray.dicom.read import load_descriptions, read_study
 
     bundle = scoring.ModelBundle.from_registry(models, device=device)
     descriptions = load_descriptions(root, split)
@@ -606,7 +606,7 @@ def phase_pipeline(score_kwargs: dict, id_sets: list[list[str]], address: str | 
     _phase_setup()
     import ray
 
-    from lumbar_ray.pipeline import ScoreConfig, run_scoring
+    from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
     from lumbar_ray.runtime import ray_session
 
     gpu = bool(num_gpus)
@@ -635,8 +635,8 @@ def phase_pipeline(score_kwargs: dict, id_sets: list[list[str]], address: str | 
 
 
 def phase_nodes_entry(*args, **kwargs) -> dict:
-    """:func:`lumbar_ray.bench_nodes.phase_nodes`, reachable by :func:`_fresh_process`."""
-    from lumbar_ray.bench_nodes import phase_nodes
+    """:func:`lumbar_ray.bench.nodes.phase_nodes`, reachable by :func:`_fresh_process`."""
+    from lumbar_ray.bench.nodes import phase_nodes
 
     return phase_nodes(*args, **kwargs)
 
@@ -656,10 +656,10 @@ def _wait_for_actor_exit(timeout_s: float = 30.0) -> None:
 
 
 def _fresh_process(fn_name: str, *args, isolate: bool = True, **kwargs):
-    """Run ``lumbar_ray.bench.<fn_name>(*args, **kwargs)`` in a fresh spawned process."""
+    """Run ``lumbar_ray.bench.scoring.<fn_name>(*args, **kwargs)`` in a fresh spawned process."""
     import importlib
 
-    module = importlib.import_module("lumbar_ray.bench")  # not __main__: picklable by name
+    module = importlib.import_module("lumbar_ray.bench.scoring")  # not __main__: picklable by name
     fn = getattr(module, fn_name)
     if not isolate:
         return fn(*args, **kwargs)
@@ -674,10 +674,10 @@ def _fresh_process(fn_name: str, *args, isolate: bool = True, **kwargs):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from lumbar_ray.pipeline import add_resource_args
+    from lumbar_ray.scoring.pipeline import add_resource_args
 
     p = argparse.ArgumentParser(
-        prog="python -m lumbar_ray.bench", add_help=add_help,
+        prog="python -m lumbar_ray.bench.scoring", add_help=add_help,
         description="Benchmark: (a) the Ray pipeline vs (b) the paper-style per-slice loop vs (c) the detectors "
                     "alone, for N and scale x N studies (throughput and peak memory).")
     p.add_argument("--n", type=int, default=4, help="studies of the small run")
@@ -722,7 +722,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _score_kwargs(args: argparse.Namespace, root: str, models: str) -> dict:
-    from lumbar_ray.pipeline import resource_kwargs
+    from lumbar_ray.scoring.pipeline import resource_kwargs
 
     gpus = args.num_gpus or 0
     kw = resource_kwargs(args)
@@ -732,12 +732,12 @@ def _score_kwargs(args: argparse.Namespace, root: str, models: str) -> dict:
 
 
 def _prepare_data(args: argparse.Namespace, n_total: int, echo) -> tuple[str, list[str]]:
-    from lumbar_ray.dicom_io import list_studies
+    from lumbar_ray.dicom.read import list_studies
 
     if args.data:
         root = args.data
     else:
-        from lumbar_ray import synth
+        from lumbar_ray.synth import writer as synth
 
         root = str(Path(args.workdir).resolve() / f"{args.split}-{args.size}-seed{args.seed}-n{n_total}")
         stamp = Path(root) / ".bench-complete"
@@ -758,7 +758,7 @@ def _prepare_data(args: argparse.Namespace, n_total: int, echo) -> tuple[str, li
 
 def _prepare_models(args: argparse.Namespace, echo) -> str:
     from lumbar_ray.config import DetectorConfig
-    from lumbar_ray.registry import ModelRegistry, parse_model_spec
+    from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 
     if args.models:
         root, version = parse_model_spec(args.models)
@@ -826,7 +826,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     n_small, n_big = args.n, args.n * args.scale
     device = args.device or ("cuda" if args.num_gpus else "cpu")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    command = "python -m lumbar_ray.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m lumbar_ray.bench.scoring " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     threads = args.threads
     if threads is None:

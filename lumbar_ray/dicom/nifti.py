@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from lumbar_ray import storage
-from lumbar_ray.dicom_write import uid_for, write_mr_series
+from lumbar_ray.dicom.write import uid_for, write_mr_series
 
 log = logging.getLogger(__name__)
 

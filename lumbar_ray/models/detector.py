@@ -24,7 +24,7 @@ noise. No left-right flips (a flipped sagittal image swaps anterior and posterio
 axial image swaps the patient's sides) and no mosaic (it can crop away the sacrum that counting
 levels relies on).
 
-Ultralytics is imported lazily, after :func:`lumbar_ray.ultralytics_env.configure` (offline,
+Ultralytics is imported lazily, after :func:`lumbar_ray.models.ultralytics_env.configure` (offline,
 own config dir). Nothing happens at import of this module.
 """
 
@@ -110,7 +110,7 @@ CHECKPOINT_FORMAT = "lumbar-ray-detector/1"
 
 def _ultra():
     """Configure Ultralytics offline (idempotent), then import what we use."""
-    from lumbar_ray import ultralytics_env
+    from lumbar_ray.models import ultralytics_env
 
     ultralytics_env.configure()
     from ultralytics.cfg import get_cfg
@@ -550,10 +550,10 @@ def load_detector_samples(
     root, split: str, study_ids: Iterable[int], coords, series_type: str, *, negatives: int = 0,
     negative_gap: int | None = None,
 ) -> list[DetectorSample]:
-    """Read each study once (via :func:`lumbar_ray.dicom_io.read_study`) and keep, in memory,
+    """Read each study once (via :func:`lumbar_ray.dicom.read.read_study`) and keep, in memory,
     only the normalised labelled slices of ``series_type`` (uint8), plus ``negatives``
     unlabelled slices per series (see :func:`samples_from_series`)."""
-    from lumbar_ray import dicom_io
+    from lumbar_ray.dicom import read as dicom_io
 
     wanted = {t.condition.name for t in targets_for_series(series_type)}
     coords = coords[coords["condition"].isin(wanted)]
@@ -1122,7 +1122,7 @@ def _nms_boxes(y: torch.Tensor, conf: float, iou: float, multi_label: bool, max_
 class StageClock:
     """Adds the seconds since the previous lap (or since it was made) to ``timings[name]``,
     synchronising a CUDA device first; does nothing (not even a device sync) when ``timings`` is
-    None. The profiling of :func:`detect_series` and :func:`lumbar_ray.scoring.detect_study`."""
+    None. The profiling of :func:`detect_series` and :func:`lumbar_ray.scoring.study.detect_study`."""
 
     def __init__(self, timings: dict[str, float] | None, device: torch.device):
         self.timings = timings

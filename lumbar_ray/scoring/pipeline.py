@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from lumbar_ray import scoring
-from lumbar_ray.output_lock import OutputLock
+from lumbar_ray.scoring import study as scoring
+from lumbar_ray.scoring.output_lock import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def pack_volumes(study) -> Any:
 
 
 def _read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
-    from lumbar_ray.dicom_io import read_study
+    from lumbar_ray.dicom.read import read_study
 
     study_id = str(row["study_id"])
     try:
@@ -267,9 +267,9 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
 
 def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], int, int, pd.DataFrame | None]:
     """(studies to score now, studies listed, studies already done for this version, descriptions)."""
-    from lumbar_ray.dicom_io import list_studies
-    from lumbar_ray.dicom_io import load_descriptions
-    from lumbar_ray.outputs import scored_studies
+    from lumbar_ray.dicom.read import list_studies
+    from lumbar_ray.dicom.read import load_descriptions
+    from lumbar_ray.outputs.store import scored_studies
 
     listed = [str(s) for s in (cfg.study_ids or list_studies(cfg.input, split=cfg.split))]
     done = scored_studies(cfg.out, model_version, include_errors=not cfg.retry_errors)
@@ -284,7 +284,7 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     """Score every study of ``cfg.input`` not yet in ``cfg.out`` for this model version."""
     import ray
 
-    from lumbar_ray.registry import ModelRegistry, parse_model_spec
+    from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 
     if not ray.is_initialized():
         raise RuntimeError("run_scoring needs a Ray runtime: call ray.init() first (jobs/score.py does)")
@@ -301,7 +301,7 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
 
 def _score_locked(cfg: ScoreConfig, run_id: str, model_version: str, lock: OutputLock,
                   echo: Callable[[str], None]) -> ScoreSummary:
-    from lumbar_ray.outputs import OutputWriter
+    from lumbar_ray.outputs.store import OutputWriter
 
     todo, n_listed, n_done, descriptions = studies_to_score(cfg, model_version)
     echo(f"[score] {n_listed} studies listed, {n_done} already scored by {model_version}; "

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lumbar_ray.metrics import family_of, long_labels
+from lumbar_ray.metrics.rsna import family_of, long_labels
 from lumbar_ray.targets import FAMILIES, PROBABILITY_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def assign_folds(labels_df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.DataF
     """``DataFrame(study_id, fold)``, one row per study, folds 0..k-1, sorted by study_id.
 
     ``labels_df`` is the wide ``train.csv`` layout or the long (study_id, column, label) frame
-    (see :func:`lumbar_ray.metrics.long_labels`).
+    (see :func:`lumbar_ray.metrics.rsna.long_labels`).
     """
     if k < 2:
         raise ValueError("k must be >= 2")

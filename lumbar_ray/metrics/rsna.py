@@ -400,7 +400,7 @@ BASELINES = {"majority": majority_baseline, "prior": prior_baseline, "weighted_p
 def baseline_oof_predictions(labels: pd.DataFrame, folds: pd.DataFrame, kind: str = "prior") -> pd.DataFrame:
     """Out-of-fold baseline predictions: for each fold, the baseline is fitted on the other
     folds' labels and predicts that fold's studies. ``folds`` is (study_id, fold) from
-    :func:`lumbar_ray.folds.assign_folds`; the result has an extra ``fold`` column. ``kind``:
+    :func:`lumbar_ray.training.folds.assign_folds`; the result has an extra ``fold`` column. ``kind``:
     'majority', 'prior' or 'weighted_prior' (see :data:`BASELINES`)."""
     if kind not in BASELINES:
         raise KeyError(f"unknown baseline {kind!r}; expected one of {sorted(BASELINES)}")

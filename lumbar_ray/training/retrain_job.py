@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lumbar_ray import train_job
+from lumbar_ray.training import job as train_job
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lumbar_ray.retrain import RetrainConfig, run_retrain
+    from lumbar_ray.training.retrain import RetrainConfig, run_retrain
     from lumbar_ray.runtime import ray_session
 
     args.out = args.registry

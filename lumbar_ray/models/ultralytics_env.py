@@ -7,7 +7,7 @@ its plotting/dataset code unless a font already sits in ``$YOLO_CONFIG_DIR/Ultra
 
 :func:`configure` must therefore run before the first ``import ultralytics`` of a process
 (every Ray worker is a fresh process: call it there too). Our modules never import
-Ultralytics at import time; :mod:`lumbar_ray.detector` calls :func:`configure` before its
+Ultralytics at import time; :mod:`lumbar_ray.models.detector` calls :func:`configure` before its
 lazy imports, so using the detector API is enough.
 
 Nothing happens at import of this module.
@@ -121,7 +121,7 @@ def configure(config_dir: str | os.PathLike | None = None, *, verbose: bool = Fa
             actual = Path(uu.USER_CONFIG_DIR).resolve()
             if actual != user_dir.resolve() or uu.ONLINE:
                 log.warning(
-                    "ultralytics was imported before lumbar_ray.ultralytics_env.configure(): its config dir "
+                    "ultralytics was imported before lumbar_ray.models.ultralytics_env.configure(): its config dir "
                     "is %s (wanted %s) and ONLINE=%s; call configure() before importing ultralytics",
                     actual, user_dir, uu.ONLINE,
                 )

@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lumbar_ray import metrics, storage
+from lumbar_ray import storage
+from lumbar_ray.metrics import rsna as metrics
 from lumbar_ray.targets import (
     CONDITIONS,
     LEVELS,
@@ -766,13 +767,13 @@ def evaluate_scores(
     and joined to the labels on (study, target); scored studies without labels are ignored (and
     counted in the text); missing labels (-1) are left out by the metric as on Kaggle.
 
-    Baselines: ``majority`` and ``prior`` (:func:`lumbar_ray.metrics.majority_baseline` /
-    :func:`~lumbar_ray.metrics.prior_baseline`) are fitted on the labels of the *evaluated
+    Baselines: ``majority`` and ``prior`` (:func:`lumbar_ray.metrics.rsna.majority_baseline` /
+    :func:`~lumbar_ray.metrics.rsna.prior_baseline`) are fitted on the labels of the *evaluated
     studies themselves* — in-sample, so they see the answers and are favoured: a model that beats
     them here beats any honest constant predictor.
 
-    Returns (:func:`lumbar_ray.metrics.metric_table` frame with model rows named after the model
-    version, text = a header plus :func:`~lumbar_ray.metrics.format_metric_table`).
+    Returns (:func:`lumbar_ray.metrics.rsna.metric_table` frame with model rows named after the model
+    version, text = a header plus :func:`~lumbar_ray.metrics.rsna.format_metric_table`).
     """
     frame = select_scores(scores, model_version)
     if frame.empty:

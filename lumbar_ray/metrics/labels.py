@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray import storage
-from lumbar_ray.metrics import long_labels
+from lumbar_ray.metrics.rsna import long_labels
 from lumbar_ray.targets import TARGET_BY_NAME_LEVEL, TARGETS
 
 COORDINATE_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")

@@ -7,7 +7,7 @@
     {out}/train.csv, {out}/train_label_coordinates.csv        (split == "train" only)
 
 Every study has a Sagittal T1, a Sagittal T2/STIR and an Axial T2 series rendered from one
-:class:`~lumbar_ray.phantom.PatientModel`. Its 25 severities are the label vector of a real
+:class:`~lumbar_ray.synth.phantom.PatientModel`. Its 25 severities are the label vector of a real
 study sampled from the RSNA 2024 ``train.csv`` (the embedded copy by default), missing labels
 included: they stay empty in the synthetic ``train.csv`` and get no coordinate row, while the
 anatomy there shows a random severity. Coordinates point at the labelled structure on the
@@ -30,9 +30,9 @@ from multiprocessing import get_context
 import numpy as np
 import pandas as pd
 
-from .dicom_write import uid_for, write_mr_series
-from .phantom import PatientModel, SliceStack, render_series, sample_series_geometry
-from .targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES, SEVERITIES, SEVERITY_TO_ID, TARGET_COLUMNS, TARGETS
+from lumbar_ray.dicom.write import uid_for, write_mr_series
+from lumbar_ray.synth.phantom import PatientModel, SliceStack, render_series, sample_series_geometry
+from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES, SEVERITIES, SEVERITY_TO_ID, TARGET_COLUMNS, TARGETS
 
 log = logging.getLogger(__name__)
 

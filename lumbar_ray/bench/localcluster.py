@@ -1,6 +1,6 @@
 """Private Ray clusters on one shared machine: free ports and a private ``RAY_TMPDIR``.
 
-Used by ``make bench-nodes`` (:mod:`lumbar_ray.bench_nodes`) and the tests (``tests/raycluster.py``),
+Used by ``make bench-nodes`` (:mod:`lumbar_ray.bench.nodes`) and the tests (``tests/raycluster.py``),
 which start real multi-node clusters (``ray.cluster_utils.Cluster``) or a ``ray start --head`` on
 machines that other developers, helpers and CI share. Two rules keep such a cluster to itself:
 

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import DetectorConfig, ScorerConfig
-from lumbar_ray.detector import DetectorSample, samples_from_series
-from lumbar_ray.dicom_io import DicomReadError, Series, read_study
-from lumbar_ray.scorer import extract_crops
+from lumbar_ray.models.detector import DetectorSample, samples_from_series
+from lumbar_ray.dicom.read import DicomReadError, Series, read_study
+from lumbar_ray.models.deepscorenet import extract_crops
 from lumbar_ray.targets import TARGETS
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
                    with_slices: bool = True, negatives: int = 0, negative_gap: int | None = None) -> StudyExamples:
     """Crops (and detector slices) for one study's labelled points; ``negatives`` and
     ``negative_gap``: unlabelled slices per series for the detectors (see
-    :func:`lumbar_ray.detector.samples_from_series`; gap None: the series type's
-    :data:`lumbar_ray.detector.DEFAULT_NEGATIVE_GAP`).
+    :func:`lumbar_ray.models.detector.samples_from_series`; gap None: the series type's
+    :data:`lumbar_ray.models.detector.DEFAULT_NEGATIVE_GAP`).
 
     A point whose series or instance cannot be read is recorded in ``problems``, never dropped
     silently.

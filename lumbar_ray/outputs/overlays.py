@@ -8,7 +8,7 @@ lists every target read on that series with its probabilities, the undetected on
 "no detection: prior used", and the study's flags.
 
 Matplotlib's Agg canvas through the object-oriented API only (no pyplot state), so it is safe in
-worker processes. Slices come from :func:`lumbar_ray.dicom_io.read_study`; files are written
+worker processes. Slices come from :func:`lumbar_ray.dicom.read.read_study`; files are written
 through :mod:`lumbar_ray.storage` (local folders or URLs).
 """
 
@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lumbar_ray import storage
-from lumbar_ray.outputs import select_scores
+from lumbar_ray.outputs.store import select_scores
 from lumbar_ray.targets import PROBABILITY_COLUMNS, SERIES_TYPES, SEVERITIES, TARGET_BY_COLUMN, series_slug
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ _MAX_COLS = 3
 
 def _read_study(data_root, study_id, split):
     """The study reader (a seam for tests)."""
-    from lumbar_ray.dicom_io import read_study
+    from lumbar_ray.dicom.read import read_study
 
     return read_study(data_root, study_id, split=split)
 
@@ -194,7 +194,7 @@ def write_study_report(
     T2/STIR, Axial T2, in that order) to ``to_dir`` as ``{study_id}_{series_slug}.png``; return
     the paths.
 
-    ``scores``: an output root or a predictions frame/table (as :func:`lumbar_ray.outputs.
+    ``scores``: an output root or a predictions frame/table (as :func:`lumbar_ray.outputs.store.
     select_scores`; several model versions need ``model_version``). Each detected target is drawn
     on its chosen instance (by InstanceNumber; a series_id naming another series of the study is
     honoured), graded by the argmax of its normalised probabilities. A series with no detection

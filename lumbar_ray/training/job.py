@@ -72,9 +72,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lumbar_ray.registry import ModelRegistry
+    from lumbar_ray.models.registry import ModelRegistry
     from lumbar_ray.runtime import ray_session
-    from lumbar_ray.train import run_training
+    from lumbar_ray.training.cv import run_training
 
     cfg = config_from_args(args)
     cfg.jobs()  # validates --models before starting Ray

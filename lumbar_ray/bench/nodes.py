@@ -1,9 +1,9 @@
-"""`make bench-nodes` / ``python -m lumbar_ray.bench_nodes``: how scoring throughput grows with
+"""`make bench-nodes` / ``python -m lumbar_ray.bench.nodes``: how scoring throughput grows with
 Ray nodes — a benchmark, not a test.
 
 For k = 1 .. ``--nodes``, a private Ray cluster of k nodes (``ray.cluster_utils.Cluster``: a head
 and k - 1 worker nodes, each a separate raylet with ``--cpus-per-node`` CPUs, all on this machine)
-runs the same scoring pipeline (:func:`lumbar_ray.bench.phase_pipeline`, the (a) path of
+runs the same scoring pipeline (:func:`lumbar_ray.bench.scoring.phase_pipeline`, the (a) path of
 ``make bench``) with k detector actors over the same N and ``scale`` x N studies. Ray Data spreads
 the actors over the nodes (``tests/test_ray_cluster.py`` checks that they land on both); the table
 shows studies/s and the speed-up over one node.
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lumbar_ray import bench
+from lumbar_ray.bench import scoring as bench
 
 
 def phase_nodes(n_nodes: int, cpus_per_node: float, score_kwargs: dict, id_sets: list[list[str]], interval_s: float,
@@ -36,7 +36,7 @@ def phase_nodes(n_nodes: int, cpus_per_node: float, score_kwargs: dict, id_sets:
     """In a fresh process: start an ``n_nodes`` cluster, run the pipeline on each id set, stop it."""
     from ray.cluster_utils import Cluster
 
-    from lumbar_ray.localcluster import node_args, private_ray_tmpdir
+    from lumbar_ray.bench.localcluster import node_args, private_ray_tmpdir
 
     with private_ray_tmpdir(prefix="lr-nodes-") as temp_dir:
         cluster = Cluster(initialize_head=True,
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     if args.detector_cpus + args.scorer_cpus > args.cpus_per_node:
         raise SystemExit("--detector-cpus + --scorer-cpus must fit one node's --cpus-per-node")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    command = "python -m lumbar_ray.bench_nodes " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m lumbar_ray.bench.nodes " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # the shared preparation of `make bench` (synthetic data, a small registry)
     prep = argparse.Namespace(**{**vars(args), "num_cpus": None})
     n_big = args.n * args.scale

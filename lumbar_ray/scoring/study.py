@@ -50,7 +50,7 @@ class ModelBundle:
         import torch
 
         from lumbar_ray.config import SCORER, detector_job
-        from lumbar_ray.registry import ModelRegistry, parse_model_spec
+        from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 
         unknown = set(parts) - set(MODEL_PARTS)
         if unknown or not parts:
@@ -64,10 +64,10 @@ class ModelBundle:
         models = manifest.get("models", {})
         detectors = {}
         if "detectors" in parts:
-            from lumbar_ray import ultralytics_env
+            from lumbar_ray.models import ultralytics_env
 
             ultralytics_env.configure()
-            from lumbar_ray.detector import load_detector, prepare_for_inference
+            from lumbar_ray.models.detector import load_detector, prepare_for_inference
 
             for series_type in SERIES_TYPES:
                 name = models.get(detector_job(series_type))
@@ -80,8 +80,8 @@ class ModelBundle:
         payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)
         scorer = None
         if "scorer" in parts:
-            from lumbar_ray.scorer import DeepScoreNet
-            from lumbar_ray.scorer import prepare_for_inference as prepare_scorer_for_inference
+            from lumbar_ray.models.deepscorenet import DeepScoreNet
+            from lumbar_ray.models.deepscorenet import prepare_for_inference as prepare_scorer_for_inference
 
             scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
             scorer.load_state_dict(payload["state_dict"])
@@ -139,8 +139,8 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
     """Run each series type's detector over all slices of its series (batched), pick one
     detection per target, and crop the detected points. ``timings``: a dict to add the seconds
     of each step to (:func:`detector.detect_series`'s steps and "select + crop"; profiling)."""
-    from lumbar_ray.detector import StageClock, detect_series, select_target_detections
-    from lumbar_ray.scorer import extract_crops
+    from lumbar_ray.models.detector import StageClock, detect_series, select_target_detections
+    from lumbar_ray.models.deepscorenet import extract_crops
 
     if "detectors" not in bundle.parts:  # else every series would pass as "no detector in this version"
         raise RuntimeError(f"model bundle {bundle.version} was loaded without its detectors (parts={bundle.parts})")
@@ -230,7 +230,7 @@ CPU_GRADE_BATCH = 32
 def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """DeepScoreNet's probabilities of ``crops``: on a CPU in fixed batches of
     :data:`CPU_GRADE_BATCH`, on a GPU in batches of up to 512 (``batch_size`` overrides)."""
-    from lumbar_ray.scorer import predict_proba
+    from lumbar_ray.models.deepscorenet import predict_proba
 
     if len(crops) == 0:
         return np.zeros((0, len(PROBABILITY_COLUMNS)), np.float32)
@@ -255,8 +255,8 @@ def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split
                      run_id: str = "in-process") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The plain loop (one process, no Ray) over the same functions as the pipeline: the
     reference that the Ray pipeline must equal."""
-    from lumbar_ray.dicom_io import read_study
-    from lumbar_ray.dicom_io import load_descriptions
+    from lumbar_ray.dicom.read import read_study
+    from lumbar_ray.dicom.read import load_descriptions
 
     descriptions = load_descriptions(root, split)
     now = pd.Timestamp.now(tz="UTC")

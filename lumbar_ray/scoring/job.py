@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lumbar_ray.pipeline import ScoreConfig, add_resource_args, resource_kwargs
+from lumbar_ray.scoring.pipeline import ScoreConfig, add_resource_args, resource_kwargs
 
 EXIT_OUTPUT_BUSY = 3  # another scoring run holds --out (its id, host and pid are printed)
 
@@ -36,8 +36,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lumbar_ray.output_lock import OutputBusy
-    from lumbar_ray.pipeline import run_scoring
+    from lumbar_ray.scoring.output_lock import OutputBusy
+    from lumbar_ray.scoring.pipeline import run_scoring
     from lumbar_ray.runtime import ray_session
 
     cfg = config_from_args(args)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .targets import LEVELS, SEVERITIES, TARGETS
+from lumbar_ray.targets import LEVELS, SEVERITIES, TARGETS
 
 __all__ = [
     "VERTEBRAE",

@@ -30,7 +30,7 @@ import pandas as pd
 
 from lumbar_ray import storage
 from lumbar_ray.config import TrainConfig
-from lumbar_ray.registry import ModelRegistry, RegistryError
+from lumbar_ray.models.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def decisions(registry: ModelRegistry) -> list[dict]:
 
 def holdout_score(spec: str, data: str, study_ids: list, labels: pd.DataFrame, split: str = "train") -> float:
     """RSNA score of one registry version scored end to end on the holdout studies."""
-    from lumbar_ray.metrics import rsna_score
-    from lumbar_ray.outputs import select_scores
-    from lumbar_ray.scoring import ModelBundle, score_in_process
+    from lumbar_ray.metrics.rsna import rsna_score
+    from lumbar_ray.outputs.store import select_scores
+    from lumbar_ray.scoring.study import ModelBundle, score_in_process
 
     bundle = ModelBundle.from_registry(spec)
     predictions, _ = score_in_process(bundle, data, [str(s) for s in study_ids], split=split)
@@ -154,8 +154,8 @@ def holdout_score(spec: str, data: str, study_ids: list, labels: pd.DataFrame, s
 
 def run_retrain(cfg: RetrainConfig, echo: Callable[[str], None] = log.info) -> Decision:
     """Train a challenger on the non-holdout studies, compare with the champion, maybe promote."""
-    from lumbar_ray import labels as label_io
-    from lumbar_ray.train import run_training
+    from lumbar_ray.metrics import labels as label_io
+    from lumbar_ray.training.cv import run_training
 
     train_cfg = cfg.train
     registry = ModelRegistry(train_cfg.registry)

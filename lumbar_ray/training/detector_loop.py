@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def _detector_bytes(model, **extra) -> bytes:
-    from lumbar_ray.detector import save_detector
+    from lumbar_ray.models.detector import save_detector
 
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "detector.pt")
@@ -29,9 +29,9 @@ def _detector_bytes(model, **extra) -> bytes:
 def validation_records(model, root: str, split: str, study_ids, points: pd.DataFrame, series_type: str,
                        conf: float, device) -> tuple[pd.DataFrame, dict]:
     """Whole-series detection on validation studies -> one record per labelled target."""
-    from lumbar_ray.detector import HitRates, detect_series, detector_hit_rates, select_target_detections
-    from lumbar_ray.dicom_io import DicomReadError, read_study
-    from lumbar_ray.dicom_io import load_descriptions
+    from lumbar_ray.models.detector import HitRates, detect_series, detector_hit_rates, select_target_detections
+    from lumbar_ray.dicom.read import DicomReadError, read_study
+    from lumbar_ray.dicom.read import load_descriptions
 
     from lumbar_ray.targets import targets_for_series
 
@@ -68,17 +68,17 @@ def detector_worker_loop(cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from lumbar_ray import ultralytics_env
+    from lumbar_ray.models import ultralytics_env
 
     ultralytics_env.configure()
     from ultralytics.utils.torch_utils import ModelEMA
 
     from lumbar_ray.config import DetectorConfig, series_type_of_job
-    from lumbar_ray.detector import (
+    from lumbar_ray.models.detector import (
         DEFAULT_BOX_MM, DetectorDataset, build_detector, collate_detector, make_loss_fn, make_optimizer,
         make_scheduler, recalibrate_batchnorm, train_one_epoch, unwrap_model,
     )
-    from lumbar_ray.train import (
+    from lumbar_ray.training.cv import (
         ALL_FOLDS, HISTORY_FILE, OOF_FILE, _load_resume_state, _maybe_inject_failure, _parquet_bytes,
         _report_epoch, weights_file,
     )

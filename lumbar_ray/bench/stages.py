@@ -1,19 +1,19 @@
-"""``python -m lumbar_ray.bench_stages``: what one study costs each scoring stage on one CPU
+"""``python -m lumbar_ray.bench.stages``: what one study costs each scoring stage on one CPU
 core — a benchmark, not a test. The inputs of the scale arithmetic in docs/RESULTS.md.
 
 Synthesizes (once) ``--studies`` full-size studies (about 75 DICOM files, 19 MB a study, like the
 RSNA set's 74.6 files and 17.7 MB), or takes the first ``--studies`` of ``--data``, then times,
 in this process with ``--threads`` torch threads, the models on ``--device``:
 
-- read + decode: :func:`lumbar_ray.dicom_io.read_study` over every study, page cache warm;
-- detection: :func:`lumbar_ray.detector.detect_series` over every series of every study at
+- read + decode: :func:`lumbar_ray.dicom.read.read_study` over every study, page cache warm;
+- detection: :func:`lumbar_ray.models.detector.detect_series` over every series of every study at
   ``--imgsz`` (YOLOv8n built from ``yolov8n.yaml``: untrained weights cost the same compute; the
   confidence threshold is high, as a trained model's boxes are few), as trained
-  and as scoring loads it (:func:`lumbar_ray.detector.prepare_for_inference`), and the
+  and as scoring loads it (:func:`lumbar_ray.models.detector.prepare_for_inference`), and the
   preprocessing (normalisation + letterbox) alone;
-- grading: :func:`lumbar_ray.scorer.predict_proba` of DeepScoreNet (as scoring loads it) on 25
+- grading: :func:`lumbar_ray.models.deepscorenet.predict_proba` of DeepScoreNet (as scoring loads it) on 25
   crops a study;
-- with ``--models``: a trained bundle's :func:`lumbar_ray.scoring.detect_study` step by step
+- with ``--models``: a trained bundle's :func:`lumbar_ray.scoring.study.detect_study` step by step
   (preprocess, forward, candidates — each class's best box a slice —, boxes, selection + crops;
   the device synchronised at each step) and
   the grading of its real crops. The as-scored YOLOv8n gets the same step split.
@@ -52,13 +52,14 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     import numpy as np
     import torch
 
-    from lumbar_ray import synth, ultralytics_env
+    from lumbar_ray.synth import writer as synth
+    from lumbar_ray.models import ultralytics_env
 
     ultralytics_env.configure()
-    from lumbar_ray.detector import build_detector, detect_series, prepare_for_inference, preprocess_volume
-    from lumbar_ray.dicom_io import list_studies, read_study
-    from lumbar_ray.scorer import DeepScoreNet, predict_proba
-    from lumbar_ray.scorer import prepare_for_inference as prepare_scorer_for_inference
+    from lumbar_ray.models.detector import build_detector, detect_series, prepare_for_inference, preprocess_volume
+    from lumbar_ray.dicom.read import list_studies, read_study
+    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba
+    from lumbar_ray.models.deepscorenet import prepare_for_inference as prepare_scorer_for_inference
     from lumbar_ray.targets import SERIES_TYPES
 
     torch.set_num_threads(args.threads)
@@ -127,7 +128,7 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     score_s = per_pass(lambda: predict_proba(net, crops, batch_size=len(crops), device=device))
     rows.append(("DeepScoreNet, 25 crops a study", len(crops) / score_s, "crops/s", len(ids) / score_s))
     if args.models:
-        from lumbar_ray.scoring import ModelBundle, detect_study, grade_crops
+        from lumbar_ray.scoring.study import ModelBundle, detect_study, grade_crops
 
         bundle = ModelBundle.from_registry(args.models, device=str(device))
         # The total without the profile's syncs, then the steps in passes of their own.

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from lumbar_ray import labels as label_io
+from lumbar_ray.metrics import labels as label_io
 from lumbar_ray.config import SCORER, TrainConfig, series_type_of_job
 from lumbar_ray.targets import SERIES_TYPES, TARGETS
 
@@ -59,8 +59,8 @@ class Examples:
 def _examples_for_chunk(root: str, split: str, chunk: list[int], points: pd.DataFrame, scorer_cfg: dict,
                         with_slices: bool, negatives: int = 0, negative_gap: int | None = None) -> list:
     from lumbar_ray.config import ScorerConfig
-    from lumbar_ray.dicom_io import load_descriptions
-    from lumbar_ray.examples import study_examples
+    from lumbar_ray.dicom.read import load_descriptions
+    from lumbar_ray.training.examples import study_examples
 
     descriptions = load_descriptions(root, split)
     cfg = ScorerConfig(**scorer_cfg)
@@ -160,7 +160,7 @@ def scorer_worker_loop(cfg: dict) -> None:
     import torch
 
     from lumbar_ray.config import ScorerConfig
-    from lumbar_ray.scorer import CropDataset, DeepScoreNet, FocalLoss, class_weights_from_labels, predict_proba
+    from lumbar_ray.models.deepscorenet import CropDataset, DeepScoreNet, FocalLoss, class_weights_from_labels, predict_proba
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     sc = ScorerConfig(**cfg["scorer"])
@@ -227,7 +227,7 @@ def scorer_worker_loop(cfg: dict) -> None:
 
 
 def detector_worker_loop(cfg: dict) -> None:
-    from lumbar_ray.detector_training import detector_worker_loop as loop
+    from lumbar_ray.training.detector_loop import detector_worker_loop as loop
 
     loop(cfg)
 
@@ -453,7 +453,7 @@ def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.Data
     """Overall and per-fold tables: DeepScoreNet against the majority, prior and weighted-prior
     baselines (fitted on the training folds only), all
     scored on exactly the same (study, target) rows (the labelled points the scorer saw)."""
-    from lumbar_ray.metrics import baseline_oof_predictions, metric_table, rsna_score
+    from lumbar_ray.metrics.rsna import baseline_oof_predictions, metric_table, rsna_score
 
     keys = oof[["study_id", "column"]]
     frames = {"deepscorenet": oof}
@@ -520,9 +520,9 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
     import ray
 
     from lumbar_ray import targets as targets_mod
-    from lumbar_ray.folds import assign_folds
-    from lumbar_ray.metrics import format_metric_table, plot_confusion_matrices, prior_baseline
-    from lumbar_ray.registry import ModelRegistry, git_commit, new_version_id
+    from lumbar_ray.training.folds import assign_folds
+    from lumbar_ray.metrics.rsna import format_metric_table, plot_confusion_matrices, prior_baseline
+    from lumbar_ray.models.registry import ModelRegistry, git_commit, new_version_id
     from lumbar_ray.storage import is_url
 
     if not ray.is_initialized():

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): scoring throughput and memory, per-stage timings, multi-node scaling."""

@@ -1,0 +1,1 @@
+"""Scoring: per-study inference, the Ray Data pipeline, the output lock, the scoring job."""

@@ -1,0 +1,1 @@
+"""Synthetic RSNA-layout studies: the lumbar phantom and the writer of synthetic data sets."""
