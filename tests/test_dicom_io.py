@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from lumbar_ray.dicom import read as dicom_io
-from lumbar_ray.dicom.read import (
+from lumbar_ray.dicom import files as dicom_files
+from lumbar_ray.dicom.errors import (
     AbsurdImageSizeError,
     DicomReadError,
     EmptyFileError,
@@ -23,14 +23,13 @@ from lumbar_ray.dicom.read import (
     PixelDecodeError,
     ReadLimits,
     SeriesNotFoundError,
+    SkippedFile,
     StudyNotFoundError,
     TruncatedDicomError,
     UnsupportedPixelDataError,
-    list_studies,
-    read_image,
-    read_series,
-    read_study,
 )
+from lumbar_ray.dicom.files import read_image
+from lumbar_ray.dicom.read import list_studies, load_descriptions, read_series, read_study
 from lumbar_ray.dicom.write import uid_for, write_mr_series
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 
@@ -167,7 +166,7 @@ def test_monochrome1_inversion_after_rescale(tmp_path):
 def test_absurd_size_refused_before_decoding(tmp_path, monkeypatch):
     path = _mr_small_variant(tmp_path, "absurd.dcm", Rows=60000, Columns=60000)
     decoded = []
-    monkeypatch.setattr(dicom_io, "_decode", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(dicom_files, "decode_pixels", lambda *a, **k: decoded.append(a))
     with pytest.raises(AbsurdImageSizeError) as info:
         read_image(path)
     assert "60000x60000" in str(info.value) and "absurd.dcm" in str(info.value)
@@ -200,7 +199,7 @@ def test_errors_pickle_for_ray():
     err = TruncatedDicomError("s3://b/x.dcm", "ends early")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is TruncatedDicomError and back.path == err.path and str(back) == str(err)
-    skipped = [dicom_io.SkippedFile("a", "b", "NotDicomError")]
+    skipped = [SkippedFile("a", "b", "NotDicomError")]
     back = pickle.loads(pickle.dumps(NoUsableSlicesError("d", "nothing", skipped)))
     assert back.skipped == skipped
 
@@ -462,7 +461,7 @@ def test_most_slices_wins_and_others_are_kept(tmp_path):
     _series(base / "15", n=4, orientation=AX, description="Axial T2", study_id="1001", origin=(-40, -40, 0))
     _csv(tmp_path, [(1001, 11, "Sagittal T1"), (1001, 12, "Sagittal T2/STIR"), (1001, 13, "Axial T2"),
                     (1001, 14, "Sagittal T2/STIR"), (1001, 15, "Axial T2")])
-    descriptions = dicom_io.load_descriptions(str(tmp_path))
+    descriptions = load_descriptions(str(tmp_path))
     study = read_study(str(tmp_path), "1001", descriptions=descriptions)
     assert study.series[SAGITTAL_T2].series_id == "14" and study.series[SAGITTAL_T2].n_slices == 20
     assert study.series[AXIAL_T2].series_id == "13"

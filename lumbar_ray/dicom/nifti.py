@@ -19,7 +19,9 @@ import gzip
 import logging
 import os
 
+import nibabel as nib
 import numpy as np
+from nibabel import orientations as ornt
 
 from lumbar_ray import storage
 from lumbar_ray.dicom.write import uid_for, write_mr_series
@@ -33,8 +35,6 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def load_nifti(nii_path: str | os.PathLike):
     """A nibabel image from a local path or an fsspec URL (``.nii`` or ``.nii.gz``)."""
-    import nibabel as nib
-
     text = os.fspath(nii_path)
     if not storage.is_url(text):
         return nib.load(text)
@@ -70,8 +70,6 @@ class DicomGeometry:
 
 def reorient_for_dicom(img, plane: str = "sagittal") -> DicomGeometry:
     """Permute/flip the NIfTI data to (slice, row, col) as the module doc describes."""
-    from nibabel import orientations as ornt
-
     target = {"sagittal": ("L", "I", "P"), "axial": ("S", "P", "L")}.get(plane)
     if target is None:
         raise ValueError(f"plane must be 'sagittal' or 'axial', not {plane!r}")

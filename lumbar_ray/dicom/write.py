@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (
@@ -81,8 +82,6 @@ def _resolve_fs(out_dir: str | os.PathLike, fs: Any):
     if fs is not None:
         return fs, path
     if "://" in path and not path.startswith("file://"):
-        import fsspec
-
         fs, path = fsspec.core.url_to_fs(path)
         return fs, path
     if path.startswith("file://"):
@@ -121,110 +120,165 @@ def write_mr_series(
     Returns the written paths (URLs keep their protocol), in slice order.
     """
     vol = _to_uint16(volume)
-    n, rows, cols = vol.shape
+    n = vol.shape[0]
     positions = np.asarray(positions, dtype=float).reshape(-1, 3)
     if len(positions) != n:
         raise ValueError(f"{len(positions)} positions for {n} slices")
     orientation = np.asarray(image_orientation, dtype=float).reshape(6)
+    instance_numbers = _checked_instance_numbers(instance_numbers, n)
+    normal = np.cross(orientation[:3], orientation[3:])
+    spacing_between = float(np.median(np.abs(np.diff(positions @ normal)))) if n > 1 else float(slice_thickness)
+    transfer_syntax = UID(str(transfer_syntax))
+    shared = _series_elements(
+        vol,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        study_id=study_id,
+        series_description=series_description,
+        series_number=series_number,
+        orientation=orientation,
+        pixel_spacing=pixel_spacing,
+        slice_thickness=slice_thickness,
+        spacing_between=spacing_between,
+    )
+    target = _OutputFolder(out_dir, fs)
+    written: list[str] = []
+    for k in range(n):
+        inst = instance_numbers[k]
+        ds = _slice_dataset(shared, uid_for("sop", series_uid, inst), inst, positions[k], normal, vol[k], transfer_syntax)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        written.append(target.write(f"{inst}.dcm", buf.getvalue()))
+    log.debug("wrote %d slices of %r to %s", n, series_description, out_dir)
+    return written
+
+
+def _checked_instance_numbers(instance_numbers: Sequence[int] | None, n: int) -> list[int]:
+    """The slices' instance numbers (default ``1..n``); n distinct integers or ValueError."""
     if instance_numbers is None:
         instance_numbers = list(range(1, n + 1))
     instance_numbers = [int(i) for i in instance_numbers]
     if len(instance_numbers) != n or len(set(instance_numbers)) != n:
         raise ValueError("instance_numbers must be n distinct integers")
-    row_sp, col_sp = (float(s) for s in pixel_spacing)
-    normal = np.cross(orientation[:3], orientation[3:])
-    spacing_between = float(np.median(np.abs(np.diff(positions @ normal)))) if n > 1 else float(slice_thickness)
+    return instance_numbers
 
-    transfer_syntax = UID(str(transfer_syntax))
-    frame_uid = uid_for("frame-of-reference", study_uid)
+
+def _series_elements(
+    vol: np.ndarray,
+    *,
+    study_uid: str,
+    series_uid: str,
+    study_id,
+    series_description: str,
+    series_number: int,
+    orientation: np.ndarray,
+    pixel_spacing: Sequence[float],
+    slice_thickness: float,
+    spacing_between: float,
+) -> dict[str, Any]:
+    """The data elements every slice of the series shares, by keyword (file order is by tag)."""
+    _, rows, cols = vol.shape
+    row_sp, col_sp = (float(s) for s in pixel_spacing)
     sample = vol[:, ::4, ::4]
     lo, hi = np.percentile(sample, [1.0, 99.5]) if sample.size else (0.0, 1.0)
     window_center = round(float(lo + hi) / 2.0, 1)
     window_width = round(max(float(hi - lo), 1.0), 1)
-
-    fs_obj, base = _resolve_fs(out_dir, fs)
-    if fs_obj is None:
-        os.makedirs(base, exist_ok=True)
-    else:
-        fs_obj.makedirs(base, exist_ok=True)
-    protocol = None
-    if fs_obj is not None and "://" in os.fspath(out_dir):
-        protocol = os.fspath(out_dir).split("://", 1)[0]
-
-    written: list[str] = []
-    for k in range(n):
-        inst = instance_numbers[k]
-        sop_uid = uid_for("sop", series_uid, inst)
-
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian if transfer_syntax.is_compressed else transfer_syntax
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.Modality = "MR"
-        ds.Manufacturer = "lumbar-ray synthetic"
-        ds.SeriesDescription = series_description
-        ds.BodyPartExamined = "LSPINE"
+    return {
+        "SpecificCharacterSet": "ISO_IR 100",
+        "ImageType": ["DERIVED", "SECONDARY", "OTHER"],
+        "SOPClassUID": MRImageStorage,
+        "Modality": "MR",
+        "Manufacturer": "lumbar-ray synthetic",
+        "SeriesDescription": series_description,
+        "BodyPartExamined": "LSPINE",
         # Anonymised identity: the study id only.
-        ds.PatientName = ""
-        ds.PatientID = str(study_id)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "synthetic phantom; no patient data"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = str(study_id)[-16:]
-        ds.SeriesNumber = int(series_number)
-        ds.InstanceNumber = inst
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = "NONE"
-        ds.MRAcquisitionType = "2D"
-        ds.ImagePositionPatient = _ds_str(positions[k])
-        ds.ImageOrientationPatient = _ds_str(orientation)
-        ds.SliceLocation = _ds_str([positions[k] @ normal])[0]
-        ds.PixelSpacing = _ds_str([row_sp, col_sp])
-        ds.SliceThickness = _ds_str([slice_thickness])[0]
-        ds.SpacingBetweenSlices = _ds_str([spacing_between])[0]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = cols
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.WindowCenter = _ds_str([window_center])[0]
-        ds.WindowWidth = _ds_str([window_width])[0]
-        ds.PixelData = np.ascontiguousarray(vol[k]).astype("<u2", copy=False).tobytes()
+        "PatientName": "",
+        "PatientID": str(study_id),
+        "PatientIdentityRemoved": "YES",
+        "DeidentificationMethod": "synthetic phantom; no patient data",
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "StudyID": str(study_id)[-16:],
+        "SeriesNumber": int(series_number),
+        "FrameOfReferenceUID": uid_for("frame-of-reference", study_uid),
+        "PositionReferenceIndicator": "",
+        "ScanningSequence": "SE",
+        "SequenceVariant": "NONE",
+        "MRAcquisitionType": "2D",
+        "ImageOrientationPatient": _ds_str(orientation),
+        "PixelSpacing": _ds_str([row_sp, col_sp]),
+        "SliceThickness": _ds_str([slice_thickness])[0],
+        "SpacingBetweenSlices": _ds_str([spacing_between])[0],
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2",
+        "Rows": rows,
+        "Columns": cols,
+        "BitsAllocated": 16,
+        "BitsStored": 16,
+        "HighBit": 15,
+        "PixelRepresentation": 0,
+        "WindowCenter": _ds_str([window_center])[0],
+        "WindowWidth": _ds_str([window_width])[0],
+    }
 
-        if transfer_syntax.is_compressed:
-            ds.compress(transfer_syntax, vol[k], generate_instance_uid=False)
-        elif transfer_syntax == ImplicitVRLittleEndian:
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        elif transfer_syntax != ExplicitVRLittleEndian:
-            raise ValueError(f"unsupported transfer syntax {transfer_syntax!r}")
 
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        name = f"{inst}.dcm"
-        if fs_obj is None:
-            path = os.path.join(base, name)
-            with open(path, "wb") as f:
-                f.write(buf.getvalue())
-            written.append(path)
+def _slice_dataset(
+    shared: dict[str, Any],
+    sop_uid: str,
+    instance_number: int,
+    position: np.ndarray,
+    normal: np.ndarray,
+    pixels: np.ndarray,
+    transfer_syntax: UID,
+) -> FileDataset:
+    """One slice's file: the series' shared elements, its own position and pixels, encoded in
+    ``transfer_syntax``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if transfer_syntax.is_compressed else transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    for keyword, value in shared.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = _ds_str(position)
+    ds.SliceLocation = _ds_str([position @ normal])[0]
+    ds.PixelData = np.ascontiguousarray(pixels).astype("<u2", copy=False).tobytes()
+
+    if transfer_syntax.is_compressed:
+        ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
+    elif transfer_syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif transfer_syntax != ExplicitVRLittleEndian:
+        raise ValueError(f"unsupported transfer syntax {transfer_syntax!r}")
+    return ds
+
+
+class _OutputFolder:
+    """The folder a series is written to: created on construction, local or any fsspec URL."""
+
+    def __init__(self, out_dir: str | os.PathLike, fs: Any):
+        self.fs, self.base = _resolve_fs(out_dir, fs)
+        if self.fs is None:
+            os.makedirs(self.base, exist_ok=True)
         else:
-            path = f"{base.rstrip('/')}/{name}"
-            with fs_obj.open(path, "wb") as f:
-                f.write(buf.getvalue())
-            written.append(f"{protocol}://{path}" if protocol else path)
-    log.debug("wrote %d slices of %r to %s", n, series_description, out_dir)
-    return written
+            self.fs.makedirs(self.base, exist_ok=True)
+        self.protocol = None
+        if self.fs is not None and "://" in os.fspath(out_dir):
+            self.protocol = os.fspath(out_dir).split("://", 1)[0]
 
+    def write(self, name: str, data: bytes) -> str:
+        """Write one file; its path as the caller spells paths (URLs keep their protocol)."""
+        if self.fs is None:
+            path = os.path.join(self.base, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            return path
+        path = f"{self.base.rstrip('/')}/{name}"
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+        return f"{self.protocol}://{path}" if self.protocol else path

@@ -1,0 +1,131 @@
+"""The in-memory model of what was read: one decoded image, a series in patient geometry (with
+pixel <-> patient conversions) and a study's chosen series.
+
+Geometry follows docs/CONVENTIONS.md: LPS millimetres, ``normal = row_cosine x column_cosine``,
+slices sorted by ``dot(ImagePositionPatient, normal)`` ascending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from lumbar_ray.dicom.errors import SkippedFile
+from lumbar_ray.targets import SERIES_TYPES
+
+__all__ = ["DicomImage", "Series", "Study", "id_sort_key"]
+
+
+@dataclass
+class DicomImage:
+    """One decoded image: float32 ``pixels`` (rows, cols) and its header (without PixelData)."""
+
+    path: str
+    pixels: np.ndarray
+    dataset: Dataset
+
+
+@dataclass
+class Series:
+    """One stack of slices in patient geometry (LPS, mm), sorted along its normal."""
+
+    study_id: str
+    series_id: str
+    description: str | None  # from the CSV, else DICOM SeriesDescription
+    series_type: str | None  # one of targets.SERIES_TYPES, or None
+    plane: str  # "sagittal" | "axial" | "coronal"
+    volume: np.ndarray  # float32 (n, rows, cols)
+    instance_numbers: np.ndarray  # int64 (n,)
+    positions: np.ndarray  # float64 (n, 3) ImagePositionPatient
+    orientation: np.ndarray  # float64 (6,) row cosine + column cosine
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm
+    slice_thickness: float | None
+    slice_spacing: float  # median distance between consecutive slices along the normal, mm
+    files: list[str]  # (n,) as read (URLs keep their protocol)
+    type_source: str | None = None  # which rule set series_type (see lumbar_ray.dicom.series_types)
+    series_instance_uid: str | None = None
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.volume.shape[0])
+
+    @property
+    def row_cosine(self) -> np.ndarray:
+        return self.orientation[:3]
+
+    @property
+    def column_cosine(self) -> np.ndarray:
+        return self.orientation[3:]
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+    @property
+    def slice_positions(self) -> np.ndarray:
+        """``dot(IPP_k, normal)`` per slice (ascending), mm."""
+        return self.positions @ self.normal
+
+    def index_of_instance(self, instance_number: int) -> int:
+        """Slice index (into ``volume``) of an InstanceNumber; KeyError when absent."""
+        hits = np.flatnonzero(self.instance_numbers == int(instance_number))
+        if hits.size == 0:
+            raise KeyError(f"series {self.series_id}: no instance {instance_number}")
+        return int(hits[0])
+
+    def pixel_to_patient(self, slice_index: int, x: float, y: float) -> np.ndarray:
+        """Patient point (LPS mm) of pixel (x = column, y = row) on slice ``slice_index``."""
+        row_sp, col_sp = self.pixel_spacing
+        return (
+            self.positions[int(slice_index)]
+            + float(x) * col_sp * self.orientation[:3]
+            + float(y) * row_sp * self.orientation[3:]
+        )
+
+    def patient_to_pixel(self, point: Sequence[float]) -> tuple[float, float, float]:
+        """``(slice_index, x, y)`` (floats) of a patient point; the inverse of
+        :meth:`pixel_to_patient`. The slice index interpolates between the slice positions along
+        the normal (extrapolated linearly outside); x/y are measured on the nearest slice."""
+        p = np.asarray(point, dtype=np.float64).reshape(3)
+        proj = self.slice_positions
+        d = float(p @ self.normal)
+        n = len(proj)
+        if n == 1:
+            k = (d - proj[0]) / (self.slice_spacing or 1.0)
+        elif d <= proj[0]:
+            k = (d - proj[0]) / max(proj[1] - proj[0], 1e-9)
+        elif d >= proj[-1]:
+            k = (n - 1) + (d - proj[-1]) / max(proj[-1] - proj[-2], 1e-9)
+        else:
+            k = float(np.interp(d, proj, np.arange(n)))
+        nearest = int(np.clip(round(k), 0, n - 1))
+        rel = p - self.positions[nearest]
+        row_sp, col_sp = self.pixel_spacing
+        x = float(rel @ self.orientation[:3]) / col_sp
+        y = float(rel @ self.orientation[3:]) / row_sp
+        return float(k), x, y
+
+
+@dataclass
+class Study:
+    """A study's series: one per series type in ``series``, the rest in ``other_series``."""
+
+    study_id: str
+    series: dict[str, Series]  # keyed by series type (targets.SERIES_TYPES)
+    other_series: list[Series] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def missing_types(self) -> list[str]:
+        return [t for t in SERIES_TYPES if t not in self.series]
+
+    def all_series(self) -> list[Series]:
+        return [*self.series.values(), *self.other_series]
+
+
+def id_sort_key(name: str) -> tuple:
+    """Sort key for study and series ids: numeric ids numerically (first), the others by name."""
+    return (0, int(name), name) if name.isdigit() else (1, 0, name)

@@ -1,0 +1,133 @@
+"""A folder's parsed slices into stacks: split by orientation and image size, localizers left out,
+slices sorted by patient geometry, and a stack decoded into a :class:`~lumbar_ray.dicom.series.Series`.
+
+Slices are sorted by ``dot(ImagePositionPatient, normal)`` ascending with
+``normal = row_cosine x column_cosine`` (docs/CONVENTIONS.md), never by file name or InstanceNumber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from lumbar_ray.dicom.errors import AbsurdImageSizeError, DicomReadError, ReadLimits, SkippedFile
+from lumbar_ray.dicom.files import ParsedSlice, decode_pixels, header_float
+from lumbar_ray.dicom.series import Series
+
+__all__ = ["split_stacks", "plane_of", "geometry_sort", "filter_localizers", "skip_stack", "build_series"]
+
+# Slices whose normals are within 2 degrees belong to the same stack.
+_PARALLEL_COS = float(np.cos(np.deg2rad(2.0)))
+
+
+def split_stacks(slices: Iterable[ParsedSlice]) -> list[list[ParsedSlice]]:
+    """Group slices by orientation (normals within 2 degrees) and image size; largest first."""
+    stacks: list[list[ParsedSlice]] = []
+    for s in slices:
+        for stack in stacks:
+            ref = stack[0]
+            if (s.rows, s.cols) == (ref.rows, ref.cols) and abs(float(s.normal @ ref.normal)) >= _PARALLEL_COS:
+                stack.append(s)
+                break
+        else:
+            stacks.append([s])
+    return sorted(stacks, key=lambda st: (-len(st), st[0].path))
+
+
+def plane_of(orientation: Sequence[float]) -> str:
+    """'sagittal' (normal along x), 'coronal' (along y) or 'axial' (along z)."""
+    o = np.asarray(orientation, dtype=np.float64).reshape(6)
+    normal = np.abs(np.cross(o[:3], o[3:]))
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+
+
+def geometry_sort(stack: list[ParsedSlice]) -> list[ParsedSlice]:
+    """The stack's slices in ascending position along its normal (ties: InstanceNumber, path)."""
+    normal = stack[0].normal
+    return sorted(stack, key=lambda s: (float(s.position @ normal), s.instance_number, s.path))
+
+
+def filter_localizers(slices: list[ParsedSlice]) -> tuple[list[ParsedSlice], list[SkippedFile]]:
+    """(slices kept, records of the slices whose ImageType says LOCALIZER)."""
+    keep = [s for s in slices if not s.is_localizer]
+    skipped = [
+        SkippedFile(s.path, f"ImageType {'/'.join(s.image_type)} marks a localizer", "Localizer")
+        for s in slices
+        if s.is_localizer
+    ]
+    return keep, skipped
+
+
+def skip_stack(stack: list[ParsedSlice], why: str, kind: str) -> list[SkippedFile]:
+    """A record per slice of a stack left out on purpose."""
+    return [SkippedFile(s.path, why, kind) for s in stack]
+
+
+def build_series(
+    stack: list[ParsedSlice],
+    *,
+    study_id: str,
+    series_id: str,
+    description: str | None,
+    series_type: str | None,
+    type_source: str | None,
+    limits: ReadLimits,
+    where: str,
+) -> tuple[Series | None, list[SkippedFile]]:
+    """Decode a stack into a Series (slices that fail to decode are skipped)."""
+    ordered = geometry_sort(stack)
+    rows, cols = ordered[0].rows, ordered[0].cols
+    nbytes = len(ordered) * rows * cols * 4
+    if nbytes > limits.max_series_bytes:
+        raise AbsurdImageSizeError(where, f"{len(ordered)} slices of {rows}x{cols} need {nbytes} bytes > {limits.max_series_bytes}")
+    images, kept, skipped = _decode_slices(ordered)
+    if not kept:
+        return None, skipped
+    ref = kept[0]
+    desc = description if description else ref.description
+    series = Series(
+        study_id=str(study_id),
+        series_id=str(series_id),
+        description=desc,
+        series_type=series_type,
+        plane=plane_of(ref.orientation),
+        volume=np.stack(images).astype(np.float32, copy=False),
+        instance_numbers=np.array([s.instance_number for s in kept], dtype=np.int64),
+        positions=np.stack([s.position for s in kept]).astype(np.float64),
+        orientation=ref.orientation.astype(np.float64),
+        pixel_spacing=ref.pixel_spacing,
+        slice_thickness=ref.slice_thickness,
+        slice_spacing=_slice_spacing(kept),
+        files=[s.path for s in kept],
+        type_source=type_source,
+        series_instance_uid=ref.series_uid,
+        skipped=list(skipped),
+    )
+    return series, skipped
+
+
+def _decode_slices(ordered: list[ParsedSlice]) -> tuple[list[np.ndarray], list[ParsedSlice], list[SkippedFile]]:
+    """(images, the slices they came from, records of the slices that failed to decode)."""
+    images: list[np.ndarray] = []
+    kept: list[ParsedSlice] = []
+    skipped: list[SkippedFile] = []
+    for s in ordered:
+        try:
+            images.append(decode_pixels(s.ds, s.path))
+            kept.append(s)
+        except DicomReadError as exc:
+            skipped.append(SkippedFile(s.path, exc.reason, exc.error_type))
+    return images, kept, skipped
+
+
+def _slice_spacing(kept: list[ParsedSlice]) -> float:
+    """Median gap between consecutive slices along the normal; the header's spacing (or
+    thickness, or 1 mm) when the slices do not tell (a single slice, or all at one position)."""
+    ref = kept[0]
+    normal = ref.normal
+    proj = np.array([s.position @ normal for s in kept])
+    gaps = np.abs(np.diff(proj))
+    if gaps.size and np.median(gaps) > 0:
+        return float(np.median(gaps))
+    return float(header_float(ref.ds, "SpacingBetweenSlices", None) or ref.slice_thickness or 1.0)
