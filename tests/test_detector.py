@@ -17,8 +17,45 @@ import pandas as pd
 import pytest
 import torch
 
-from lumbar_ray.models import detector as D
-from lumbar_ray.dicom.read import Series
+import lumbar_ray
+from lumbar_ray.models import detector_preprocess
+from lumbar_ray.models.detector import (
+    CHECKPOINT_FORMAT,
+    DEFAULT_BOX_MM,
+    build_detector,
+    load_detector,
+    make_loss_fn,
+    prepare_detector_for_inference,
+    save_detector,
+    unwrap_model,
+)
+from lumbar_ray.models.detector_inference import Detection, best_box_per_class, detect_series
+from lumbar_ray.models.detector_preprocess import (
+    Letterbox,
+    letterbox_image,
+    normalize_volume,
+    percentiles,
+    preprocess_slices,
+    preprocess_volume,
+    preprocess_volume_torch,
+)
+from lumbar_ray.models.target_selection import select_target_detections
+from lumbar_ray.training.detector_data import (
+    DetectorDataset,
+    DetectorSample,
+    collate_detector,
+    samples_from_series,
+)
+from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates
+from lumbar_ray.training.detector_fit import (
+    evaluate,
+    fit_detector,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_batchnorm,
+    train_one_epoch,
+)
+from lumbar_ray.dicom.series import Series
 from lumbar_ray.targets import (
     AXIAL_T2,
     SAGITTAL_T1,
@@ -43,7 +80,7 @@ def _ultralytics_offline(tmp_path_factory):
 
 @dataclass
 class FakeSeries:
-    """The fields of lumbar_ray.dicom.read.Series the detector uses."""
+    """The fields of lumbar_ray.dicom.series.Series the detector uses."""
 
     study_id: int
     series_id: int
@@ -99,7 +136,7 @@ def blob_samples(n, rows=100, cols=80, spacing=(1.0, 1.0), seed=0, series_type=S
         k = min(nc, 5)
         pts = np.array([[15 + 12 * c + rng.uniform(-3, 3), 12 + 17 * c + rng.uniform(-3, 3)] for c in range(k)])
         img = blob_image(rows, cols, pts, rng=rng)
-        out.append(D.DetectorSample(1, 2, i + 1, np.rint(img * 255).astype(np.uint8), spacing, np.arange(k), pts))
+        out.append(DetectorSample(1, 2, i + 1, np.rint(img * 255).astype(np.uint8), spacing, np.arange(k), pts))
     return out
 
 
@@ -108,12 +145,12 @@ def blob_samples(n, rows=100, cols=80, spacing=(1.0, 1.0), seed=0, series_type=S
 
 @pytest.mark.parametrize("series_type,nc", [(SAGITTAL_T1, 10), (SAGITTAL_T2, 5), (AXIAL_T2, 10)])
 def test_model_per_series_type(series_type, nc):
-    model = D.build_detector(series_type, imgsz=128)
+    model = build_detector(series_type, imgsz=128)
     assert model.model[-1].nc == nc
     assert model.names == detector_class_names(series_type)
     assert len(model.names) == nc
     assert model.series_type == series_type and model.imgsz == 128
-    assert model.box_mm == D.DEFAULT_BOX_MM[series_type]
+    assert model.box_mm == DEFAULT_BOX_MM[series_type]
     model.eval()
     with torch.no_grad():
         y, _ = model(torch.zeros(1, 3, 128, 128))
@@ -122,21 +159,21 @@ def test_model_per_series_type(series_type, nc):
 
 def test_unknown_series_type():
     with pytest.raises(KeyError):
-        D.build_detector("Coronal T1")
+        build_detector("Coronal T1")
 
 
 def test_loss_finite_and_decreases():
-    ds = D.DetectorDataset.from_samples(blob_samples(8), SAGITTAL_T2, imgsz=96, box_mm=40)
-    batch = D.collate_detector([ds[i] for i in range(len(ds))])
+    ds = DetectorDataset.from_samples(blob_samples(8), SAGITTAL_T2, imgsz=96, box_mm=40)
+    batch = collate_detector([ds[i] for i in range(len(ds))])
     assert batch["img"].shape == (8, 3, 96, 96)
     assert batch["bboxes"].shape == (40, 4) and batch["cls"].shape == (40, 1) and batch["batch_idx"].shape == (40,)
     assert torch.equal(batch["batch_idx"], torch.arange(8).repeat_interleave(5).float())
     assert float(batch["bboxes"].min()) >= 0 and float(batch["bboxes"].max()) <= 1
     torch.manual_seed(0)
-    model = D.build_detector(SAGITTAL_T2, imgsz=96)
-    loss_fn = D.make_loss_fn(model)
-    opt = D.make_optimizer(model, lr=2e-3)
-    losses = [D.train_one_epoch(model, [batch], opt, loss_fn, "cpu")["loss"] for _ in range(30)]
+    model = build_detector(SAGITTAL_T2, imgsz=96)
+    loss_fn = make_loss_fn(model)
+    opt = make_optimizer(model, lr=2e-3)
+    losses = [train_one_epoch(model, [batch], opt, loss_fn, "cpu")["loss"] for _ in range(30)]
     assert all(math.isfinite(v) for v in losses)
     # v8's task-aligned assigner gives ~0 box loss while predicted boxes are still huge, so the
     # loss first rises, then falls: compare the end with the early peak.
@@ -148,10 +185,10 @@ def test_loss_finite_and_decreases():
 
 def test_boxes_sized_in_millimetres():
     base = blob_samples(1, rows=100, cols=100)[0]
-    fine = D.DetectorSample(**{**base.__dict__, "pixel_spacing": (0.5, 0.5)})
-    coarse = D.DetectorSample(**{**base.__dict__, "pixel_spacing": (1.0, 1.0)})
-    aniso = D.DetectorSample(**{**base.__dict__, "pixel_spacing": (0.5, 1.0)})  # (row, col)
-    ds = D.DetectorDataset.from_samples([fine, coarse, aniso], SAGITTAL_T2, imgsz=100, box_mm=10)
+    fine = DetectorSample(**{**base.__dict__, "pixel_spacing": (0.5, 0.5)})
+    coarse = DetectorSample(**{**base.__dict__, "pixel_spacing": (1.0, 1.0)})
+    aniso = DetectorSample(**{**base.__dict__, "pixel_spacing": (0.5, 1.0)})  # (row, col)
+    ds = DetectorDataset.from_samples([fine, coarse, aniso], SAGITTAL_T2, imgsz=100, box_mm=10)
     wf, hf = ds[0]["bboxes"][0, 2:].tolist()
     wc, hc = ds[1]["bboxes"][0, 2:].tolist()
     wa, ha = ds[2]["bboxes"][0, 2:].tolist()
@@ -160,17 +197,17 @@ def test_boxes_sized_in_millimetres():
     assert wc == pytest.approx(0.10, abs=1e-4) and hc == pytest.approx(0.10, abs=1e-4)
     assert wa == pytest.approx(0.10, abs=1e-4) and ha == pytest.approx(0.20, abs=1e-4)
     # the mm -> canvas factor follows the letterbox scale too
-    ds2 = D.DetectorDataset.from_samples([coarse], SAGITTAL_T2, imgsz=50, box_mm=10)
+    ds2 = DetectorDataset.from_samples([coarse], SAGITTAL_T2, imgsz=50, box_mm=10)
     assert ds2[0]["bboxes"][0, 2].item() == pytest.approx(0.10, abs=1e-4)
     assert ds2[0]["mm_per_px"].tolist() == pytest.approx([2.0, 2.0])
 
 
 @pytest.mark.parametrize("rows,cols,imgsz", [(512, 512, 256), (320, 256, 256), (200, 300, 384), (64, 48, 96)])
 def test_letterbox_round_trip(rows, cols, imgsz):
-    lb = D.Letterbox.fit(rows, cols, imgsz)
+    lb = Letterbox.fit(rows, cols, imgsz)
     rng = np.random.default_rng(1)
     x, y = rng.uniform(0, cols - 1, 50), rng.uniform(0, rows - 1, 50)
-    xb, yb = D.Letterbox.inverse(lb, *lb.forward(x, y))
+    xb, yb = Letterbox.inverse(lb, *lb.forward(x, y))
     np.testing.assert_allclose(xb, x, atol=1e-9)
     np.testing.assert_allclose(yb, y, atol=1e-9)
     # the image lands where the points go: a blob at (x, y) peaks at forward(x, y)
@@ -178,7 +215,7 @@ def test_letterbox_round_trip(rows, cols, imgsz):
     yy, xx = np.mgrid[:rows, :cols]
     sigma = max(rows, cols) / 40
     blob = np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * sigma**2)).astype(np.float32)
-    canvas = D.letterbox_image(blob, lb)
+    canvas = letterbox_image(blob, lb)
     assert canvas.shape == (imgsz, imgsz)
     w = np.where(canvas > 0.3 * canvas.max(), canvas, 0.0)
     cy_, cx_ = np.mgrid[:imgsz, :imgsz]
@@ -192,7 +229,7 @@ def test_letterbox_round_trip(rows, cols, imgsz):
 
 def test_augmented_boxes_follow_the_image():
     samples = blob_samples(4, rows=120, cols=90)
-    ds = D.DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=128, box_mm=12, augment=True)
+    ds = DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=128, box_mm=12, augment=True)
     torch.manual_seed(3)
     for i in range(len(ds)):
         item = ds[i]
@@ -219,7 +256,7 @@ def test_samples_from_series_one_per_labelled_instance():
         ],
         columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
     )
-    samples = D.samples_from_series(series, coords)
+    samples = samples_from_series(series, coords)
     assert [s.instance_number for s in samples] == [12, 17]
     names = detector_class_names(SAGITTAL_T1)
     assert [names[c] for c in samples[0].class_ids] == [
@@ -236,30 +273,30 @@ def test_negative_slices_are_far_from_labelled_ones():
          for i, lv in enumerate(("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"))],
         columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
     )
-    assert len(D.samples_from_series(series, coords)) == 1
-    samples = D.samples_from_series(series, coords, negatives=3, negative_gap=2)
+    assert len(samples_from_series(series, coords)) == 1
+    samples = samples_from_series(series, coords, negatives=3, negative_gap=2)
     neg = [s for s in samples if len(s.class_ids) == 0]
     assert len(samples) == 4 and len(neg) == 3
     assert all(abs(s.instance_number - 16) >= 2 for s in neg)
     assert {14, 18} <= {s.instance_number for s in neg}  # the hardest first: exactly 2 slices away
-    hardest = D.samples_from_series(series, coords, negatives=2, negative_gap=1)
+    hardest = samples_from_series(series, coords, negatives=2, negative_gap=1)
     assert sorted(s.instance_number for s in hardest if len(s.class_ids) == 0) == [15, 17]
-    ds = D.DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=64, augment=True)
-    batch = D.collate_detector([ds[i] for i in range(len(ds))])
+    ds = DetectorDataset.from_samples(samples, SAGITTAL_T2, imgsz=64, augment=True)
+    batch = collate_detector([ds[i] for i in range(len(ds))])
     assert batch["img"].shape[0] == 4 and batch["bboxes"].shape == (5, 4)
     assert set(batch["batch_idx"].tolist()) == {0.0}
-    model = D.build_detector(SAGITTAL_T2, imgsz=64)
-    loss, _ = D.make_loss_fn(model)(model(batch["img"]), batch)
+    model = build_detector(SAGITTAL_T2, imgsz=64)
+    loss, _ = make_loss_fn(model)(model(batch["img"]), batch)
     assert torch.isfinite(loss).all()
 
 
 def test_recalibrate_batchnorm():
-    model = D.build_detector(SAGITTAL_T2, imgsz=64)
+    model = build_detector(SAGITTAL_T2, imgsz=64)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert {m.momentum for m in bns} == {0.1}
-    ds = D.DetectorDataset.from_samples(blob_samples(6), SAGITTAL_T2, imgsz=64)
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=D.collate_detector)
-    assert D.recalibrate_batchnorm(model, loader) == 6
+    ds = DetectorDataset.from_samples(blob_samples(6), SAGITTAL_T2, imgsz=64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_detector)
+    assert recalibrate_batchnorm(model, loader) == 6
     assert not model.training and {m.momentum for m in bns} == {0.1}
     assert all(int(m.num_batches_tracked) == 2 for m in bns)
     # first BN: running mean = mean over both batches of its conv's output per channel
@@ -306,8 +343,8 @@ def test_torch_preprocessing_equals_numpy_opencv(shape, imgsz, device):
     rng = np.random.default_rng(sum(shape) + imgsz)
     z = np.linspace(0, 1, shape[0])[:, None, None]
     volume = (rng.normal(300, 60, shape) + 400 * z + np.indices(shape[1:]).sum(0)).astype(np.float32)
-    expected, lb_np = D.preprocess_slices(D.normalize_volume(volume), imgsz)
-    got, lb_torch = D.preprocess_volume_torch(volume, imgsz, device)
+    expected, lb_np = preprocess_slices(normalize_volume(volume), imgsz)
+    got, lb_torch = preprocess_volume_torch(volume, imgsz, device)
     assert got.device.type == device
     assert lb_torch == lb_np and got.shape == expected.shape == (shape[0], 3, imgsz, imgsz)
     diff = (got.cpu() - expected).abs()
@@ -322,12 +359,12 @@ def test_fused_numpy_preprocessing_equals_the_two_steps(shape, imgsz):
     rng = np.random.default_rng(sum(shape))
     volume = rng.integers(0, 2000, shape).astype(np.int16)  # DICOM pixels arrive as integers
     volume[0, :3] = 4000  # a few bright voxels above the 99.5th percentile are clipped
-    vol01 = D.normalize_volume(volume)
-    lo, hi = np.percentile(volume.reshape(-1)[:: D._percentile_step(volume.size)].astype(np.float64), [0.5, 99.5])
+    vol01 = normalize_volume(volume)
+    lo, hi = np.percentile(volume.reshape(-1)[:: detector_preprocess._percentile_step(volume.size)].astype(np.float64), [0.5, 99.5])
     assert vol01.dtype == np.float32
     np.testing.assert_allclose(vol01, np.clip((volume - lo) / (hi - lo), 0, 1), atol=1e-6)
-    expected, lb_two = D.preprocess_slices(vol01, imgsz)
-    got, lb_fused = D.preprocess_volume(volume, imgsz)
+    expected, lb_two = preprocess_slices(vol01, imgsz)
+    got, lb_fused = preprocess_volume(volume, imgsz)
     assert lb_fused == lb_two and got.shape == expected.shape == (shape[0], 3, imgsz, imgsz)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
 
@@ -339,46 +376,46 @@ def test_counted_percentiles_equal_numpy(dtype, n):
     low = -300 if np.dtype(dtype).kind in "if" else 0
     sample = rng.integers(low, 3000, n).astype(dtype)
     q = [0.0, 0.5, 25.0, 50.0, 99.5, 100.0]
-    np.testing.assert_array_equal(D.percentiles(sample, q), np.percentile(sample, q))
+    np.testing.assert_array_equal(percentiles(sample, q), np.percentile(sample, q))
     # not integers, NaN, a huge range: NumPy's own percentile
     fractional = sample.astype(np.float32) + 0.25
-    np.testing.assert_array_equal(D.percentiles(fractional, q), np.percentile(fractional, q))
+    np.testing.assert_array_equal(percentiles(fractional, q), np.percentile(fractional, q))
     with_nan = sample.astype(np.float32)
     with_nan[0] = np.nan
-    assert np.isnan(D.percentiles(with_nan, q)).all()
+    assert np.isnan(percentiles(with_nan, q)).all()
     wide = sample.astype(np.int64) * 10_000
-    np.testing.assert_array_equal(D.percentiles(wide, q), np.percentile(wide, q))
+    np.testing.assert_array_equal(percentiles(wide, q), np.percentile(wide, q))
 
 
 def test_numpy_preprocessing_degenerate_volumes():
-    got, _ = D.preprocess_volume(np.full((3, 40, 50), 7, np.uint16), 64)
+    got, _ = preprocess_volume(np.full((3, 40, 50), 7, np.uint16), 64)
     assert got.shape == (3, 3, 64, 64) and float(got.abs().max()) == 0.0
-    assert float(np.abs(D.normalize_volume(np.full((2, 8, 8), 7.0, np.float32))).max()) == 0.0
+    assert float(np.abs(normalize_volume(np.full((2, 8, 8), 7.0, np.float32))).max()) == 0.0
     with_nan = np.random.default_rng(0).normal(size=(2, 40, 50)).astype(np.float32)
     with_nan[0, :5] = np.nan
-    vol01 = D.normalize_volume(with_nan)
+    vol01 = normalize_volume(with_nan)
     assert np.isfinite(vol01).all() and (vol01[0, :5] == 0).all() and vol01.min() >= 0 and vol01.max() <= 1
-    got, _ = D.preprocess_volume(with_nan, 64)
-    np.testing.assert_allclose(got.numpy(), D.preprocess_slices(vol01, 64)[0].numpy(), atol=1e-6)
+    got, _ = preprocess_volume(with_nan, 64)
+    np.testing.assert_allclose(got.numpy(), preprocess_slices(vol01, 64)[0].numpy(), atol=1e-6)
 
 
 def test_torch_preprocessing_of_integer_volumes():
     volume = np.random.default_rng(3).integers(0, 1500, (4, 90, 70)).astype(np.int16)
-    got, _ = D.preprocess_volume_torch(volume, 64, "cpu")
-    as_float, _ = D.preprocess_volume_torch(volume.astype(np.float32), 64, "cpu")
+    got, _ = preprocess_volume_torch(volume, 64, "cpu")
+    as_float, _ = preprocess_volume_torch(volume.astype(np.float32), 64, "cpu")
     assert torch.equal(got, as_float)
-    got_np, _ = D.preprocess_volume(volume, 64)
-    assert torch.equal(got_np, D.preprocess_volume(volume.astype(np.float32), 64)[0])
+    got_np, _ = preprocess_volume(volume, 64)
+    assert torch.equal(got_np, preprocess_volume(volume.astype(np.float32), 64)[0])
 
 
 def test_torch_preprocessing_degenerate_volumes():
     flat = np.full((3, 40, 50), 7.0, np.float32)
-    got, _ = D.preprocess_volume_torch(flat, 64, "cpu")
+    got, _ = preprocess_volume_torch(flat, 64, "cpu")
     assert got.shape == (3, 3, 64, 64) and float(got.abs().max()) == 0.0
     with_nan = np.random.default_rng(0).normal(size=(2, 40, 50)).astype(np.float32)
     with_nan[0, :5] = np.nan
-    got, _ = D.preprocess_volume_torch(with_nan, 64, "cpu")
-    expected, _ = D.preprocess_slices(D.normalize_volume(with_nan), 64)
+    got, _ = preprocess_volume_torch(with_nan, 64, "cpu")
+    expected, _ = preprocess_slices(normalize_volume(with_nan), 64)
     assert torch.isfinite(got).all()
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=2e-3)
 
@@ -387,14 +424,14 @@ def test_torch_preprocessing_degenerate_volumes():
 def test_detect_series_maps_to_original_pixels_and_selects(preprocess):
     series = fake_series(SAGITTAL_T2, n=7, rows=200, cols=150, spacing=(0.5, 0.5))
     imgsz = 128
-    lb = D.Letterbox.fit(200, 150, imgsz)
+    lb = Letterbox.fit(200, 150, imgsz)
     truth = {  # slice -> [(class, x, y, conf)] in original pixels
         1: [(0, 40.0, 50.0, 0.6), (2, 70.0, 120.0, 0.3)],
         4: [(0, 42.0, 55.0, 0.9), (1, 60.0, 90.0, 0.8)],
     }
     boxes = {k: [(c, *lb.forward(x, y), p) for c, x, y, p in v] for k, v in truth.items()}
     model = FakeDetector(5, boxes, imgsz)
-    dets = D.detect_series(model, series, imgsz=imgsz, conf=0.1, batch_size=3, preprocess=preprocess)
+    dets = detect_series(model, series, imgsz=imgsz, conf=0.1, batch_size=3, preprocess=preprocess)
     assert model.batches == [3, 3, 1]
     assert len(dets) == 4
     for d in dets:
@@ -403,29 +440,29 @@ def test_detect_series_maps_to_original_pixels_and_selects(preprocess):
         assert d.confidence == pytest.approx(p, abs=1e-6)
         assert d.instance_number == series.instance_numbers[d.slice_index]
         assert d.width == pytest.approx(10.0 / lb.scale, rel=1e-4)
-    sel = D.select_target_detections(dets, SAGITTAL_T2, rule="max")
+    sel = select_target_detections(dets, SAGITTAL_T2, rule="max")
     targets = targets_for_series(SAGITTAL_T2)
     assert set(sel) == {t.index for t in targets}
     assert sel[targets[0].index].slice_index == 4  # most confident over slices
     assert sel[targets[1].index].slice_index == 4
     assert sel[targets[2].index].slice_index == 1
     assert sel[targets[3].index] is None and sel[targets[4].index] is None
-    assert D.select_target_detections(dets, SAGITTAL_T2, rule="max", min_conf=0.5)[targets[2].index] is None
+    assert select_target_detections(dets, SAGITTAL_T2, rule="max", min_conf=0.5)[targets[2].index] is None
 
 
 def test_canal_selection_keeps_one_slice():
     t2 = targets_for_series(SAGITTAL_T2)
-    dets = [D.Detection(c, 4, 15, 50.0, 10.0 + 20 * c, 0.7) for c in range(4)]  # mid slice, no class 4
-    dets += [D.Detection(1, 2, 13, 50.0, 30.0, 0.9), D.Detection(4, 7, 18, 50.0, 90.0, 0.4)]
-    one_slice = D.select_target_detections(dets, SAGITTAL_T2, rule="slice")
+    dets = [Detection(c, 4, 15, 50.0, 10.0 + 20 * c, 0.7) for c in range(4)]  # mid slice, no class 4
+    dets += [Detection(1, 2, 13, 50.0, 30.0, 0.9), Detection(4, 7, 18, 50.0, 90.0, 0.4)]
+    one_slice = select_target_detections(dets, SAGITTAL_T2, rule="slice")
     assert [one_slice[t.index].slice_index for t in t2] == [4, 4, 4, 4, 7]  # class 4 falls back
-    assert D.select_target_detections(dets, SAGITTAL_T2) == one_slice  # the default for the canal
-    midline = D.select_target_detections(dets, SAGITTAL_T2, rule="centroid")
+    assert select_target_detections(dets, SAGITTAL_T2) == one_slice  # the default for the canal
+    midline = select_target_detections(dets, SAGITTAL_T2, rule="centroid")
     assert [midline[t.index].slice_index for t in t2] == [4, 4, 4, 4, 7]
-    best = D.select_target_detections(dets, SAGITTAL_T2, rule="max")
+    best = select_target_detections(dets, SAGITTAL_T2, rule="max")
     assert [best[t.index].slice_index for t in t2] == [4, 2, 4, 4, 7]
     with pytest.raises(ValueError):
-        D.select_target_detections(dets, SAGITTAL_T2, rule="median")
+        select_target_detections(dets, SAGITTAL_T2, rule="median")
 
 
 def test_centroid_selection_takes_the_slice_nearest_the_midline():
@@ -434,12 +471,12 @@ def test_centroid_selection_takes_the_slice_nearest_the_midline():
     series = fake_series(SAGITTAL_T2, n=9, step=4.0)
     t2 = targets_for_series(SAGITTAL_T2)
     profile = {2: 0.3, 3: 0.8, 4: 0.78, 5: 0.7}
-    dets = [D.Detection(t.detector_class_id, k, int(series.instance_numbers[k]), 50.0, 10.0 + 20 * i, p)
+    dets = [Detection(t.detector_class_id, k, int(series.instance_numbers[k]), 50.0, 10.0 + 20 * i, p)
             for k, p in profile.items() for i, t in enumerate(t2)]
     dets = [d for d in dets if not (d.slice_index == 4 and d.class_id == t2[4].detector_class_id)]
-    most_confident = D.select_target_detections(dets, SAGITTAL_T2, series, rule="slice")
+    most_confident = select_target_detections(dets, SAGITTAL_T2, series, rule="slice")
     assert {most_confident[t.index].slice_index for t in t2} == {3}
-    chosen = D.select_target_detections(dets, SAGITTAL_T2, series, rule="centroid")
+    chosen = select_target_detections(dets, SAGITTAL_T2, series, rule="centroid")
     # weighted mean position = slice 3.73 -> slice 4; L5/S1 has no box on slice 4, so it takes the
     # nearest slice that has one (3 and 5 tie at one slice away: the lower index wins)
     assert [chosen[t.index].slice_index for t in t2] == [4, 4, 4, 4, 3]
@@ -448,16 +485,16 @@ def test_centroid_selection_takes_the_slice_nearest_the_midline():
     uneven = fake_series(SAGITTAL_T2, n=9, step=4.0)
     along = np.array([0.0, 10, 20, 30, 40, 42, 52, 62, 72])
     uneven.positions = np.stack([-along, np.zeros(9), np.zeros(9)], axis=1)  # normal (-1, 0, 0)
-    assert D.select_target_detections(dets, SAGITTAL_T2, uneven, rule="centroid")[t2[0].index].slice_index == 3
+    assert select_target_detections(dets, SAGITTAL_T2, uneven, rule="centroid")[t2[0].index].slice_index == 3
 
 
 def test_real_model_runs_on_a_series():
     series = fake_series(AXIAL_T2, n=5, rows=96, cols=96)
-    model = D.build_detector(AXIAL_T2, imgsz=64)
-    dets = D.detect_series(model, series, conf=0.0001, batch_size=4)
+    model = build_detector(AXIAL_T2, imgsz=64)
+    dets = detect_series(model, series, conf=0.0001, batch_size=4)
     assert dets and all(0 <= d.slice_index < 5 for d in dets)
     assert all(-20 < d.x < 116 and -20 < d.y < 116 for d in dets)
-    sel = D.select_target_detections(dets, AXIAL_T2)
+    sel = select_target_detections(dets, AXIAL_T2)
     assert len(sel) == 10
 
 
@@ -467,14 +504,14 @@ def test_best_box_per_class_by_hand():
         [[10, 20, 30], [11, 21, 31], [4, 5, 6], [7, 8, 9], [0.2, 0.9, 0.1], [0.05, 0.3, 0.6]],
         [[1, 2, 3], [4, 5, 6], [1, 1, 1], [2, 2, 2], [0.01, 0.02, 0.03], [0.5, 0.4, 0.7]],
     ], dtype=torch.float32)
-    rows = D.best_box_per_class(y, conf=0.1)
+    rows = best_box_per_class(y, conf=0.1)
     expected = [[0, 0, 0.9, 20, 21, 5, 8],  # image 0, class 0: anchor 1
                 [0, 1, 0.6, 30, 31, 6, 9],  # image 0, class 1: anchor 2
                 [1, 1, 0.7, 3, 6, 1, 2]]  # image 1: class 0's best (0.03) is below conf
     np.testing.assert_allclose(rows.numpy(), expected, rtol=1e-6)
     assert rows.dtype == torch.float32
-    assert D.best_box_per_class(y.half(), conf=0.1).dtype == torch.float32
-    assert D.best_box_per_class(y, conf=0.95).shape == (0, 7)
+    assert best_box_per_class(y.half(), conf=0.1).dtype == torch.float32
+    assert best_box_per_class(y, conf=0.95).shape == (0, 7)
 
 
 class UntiedScores(torch.nn.Module):
@@ -498,12 +535,12 @@ def test_best_boxes_keep_what_nms_keeps_for_selection():
     the same detections from "best" candidates as from NMS's (random model: boxes everywhere)."""
     torch.manual_seed(1)
     with pytest.raises(ValueError):
-        D.detect_series(D.build_detector(AXIAL_T2, imgsz=64), fake_series(AXIAL_T2, n=2), candidates="all")
+        detect_series(build_detector(AXIAL_T2, imgsz=64), fake_series(AXIAL_T2, n=2), candidates="all")
     for series_type in (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2):
-        model = UntiedScores(D.build_detector(series_type, imgsz=64))
+        model = UntiedScores(build_detector(series_type, imgsz=64))
         series = fake_series(series_type, n=7, rows=100, cols=80, seed=3)
-        best = D.detect_series(model, series, conf=0.0001, batch_size=3)
-        nms = D.detect_series(model, series, conf=0.0001, batch_size=3, candidates="nms", max_det=100_000)
+        best = detect_series(model, series, conf=0.0001, batch_size=3)
+        nms = detect_series(model, series, conf=0.0001, batch_size=3, candidates="nms", max_det=100_000)
         assert len(nms) > len(best) > 0
         top = {}
         for d in nms:  # NMS's most confident box per (slice, class)
@@ -515,8 +552,8 @@ def test_best_boxes_keep_what_nms_keeps_for_selection():
             assert d.instance_number == t.instance_number and d.confidence == pytest.approx(t.confidence, rel=1e-6)
             assert (d.x, d.y, d.width, d.height) == pytest.approx((t.x, t.y, t.width, t.height), abs=1e-3)
         for rule in ("max", "slice", "centroid"):
-            picked_best = D.select_target_detections(best, series_type, series, rule=rule)
-            picked_nms = D.select_target_detections(nms, series_type, series, rule=rule)
+            picked_best = select_target_detections(best, series_type, series, rule=rule)
+            picked_nms = select_target_detections(nms, series_type, series, rule=rule)
             assert picked_best.keys() == picked_nms.keys()
             for index, det in picked_best.items():
                 other = picked_nms[index]
@@ -532,13 +569,13 @@ def test_sagittal_t1_side_from_slice_position():
     left_l1 = next(t for t in t1 if t.side == "left" and t.level == "L1/L2")
     right_l1 = next(t for t in t1 if t.side == "right" and t.level == "L1/L2")
     dets = [  # the detector can't tell sides apart: both peaks carry the "left" class
-        D.Detection(left_l1.detector_class_id, 1, 12, 30.0, 40.0, 0.7),
-        D.Detection(left_l1.detector_class_id, 7, 18, 31.0, 41.0, 0.6),
-        D.Detection(right_l1.detector_class_id, 2, 13, 30.0, 40.0, 0.5),
+        Detection(left_l1.detector_class_id, 1, 12, 30.0, 40.0, 0.7),
+        Detection(left_l1.detector_class_id, 7, 18, 31.0, 41.0, 0.6),
+        Detection(right_l1.detector_class_id, 2, 13, 30.0, 40.0, 0.5),
     ]
-    plain = D.select_target_detections(dets, SAGITTAL_T1)
+    plain = select_target_detections(dets, SAGITTAL_T1)
     assert plain[left_l1.index].slice_index == 1 and plain[right_l1.index].slice_index == 2
-    geo = D.select_target_detections(dets, SAGITTAL_T1, series)
+    geo = select_target_detections(dets, SAGITTAL_T1, series)
     assert geo[left_l1.index].slice_index == 1
     assert geo[right_l1.index].slice_index == 7 and geo[right_l1.index].class_id == right_l1.detector_class_id
     assert sum(v is not None for v in geo.values()) == 2
@@ -552,18 +589,18 @@ def test_hit_rates():
         columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
     )
     sel = {
-        t2[0].index: D.Detection(0, 2, 13, 52.0, 50.0, 0.9),  # 1 mm: hit
-        t2[1].index: D.Detection(1, 2, 13, 50.0, 64.0, 0.9),  # 7 mm: hit at 10 only
-        t2[2].index: D.Detection(2, 3, 14, 50.0, 50.0, 0.9),  # wrong instance
+        t2[0].index: Detection(0, 2, 13, 52.0, 50.0, 0.9),  # 1 mm: hit
+        t2[1].index: Detection(1, 2, 13, 50.0, 64.0, 0.9),  # 7 mm: hit at 10 only
+        t2[2].index: Detection(2, 3, 14, 50.0, 50.0, 0.9),  # wrong instance
         t2[3].index: None,
-        t2[4].index: D.Detection(4, 2, 13, 80.0, 50.0, 0.9),  # 15 mm
+        t2[4].index: Detection(4, 2, 13, 80.0, 50.0, 0.9),  # 15 mm
     }
-    r = D.detector_hit_rates(sel, coords, series)
+    r = detector_hit_rates(sel, coords, series)
     assert (r.n_labelled, r.n_detected, r.n_right_slice) == (5, 4, 3)
     assert r.rate(5) == pytest.approx(0.2) and r.rate(10) == pytest.approx(0.4)
     d = r.as_dict()
     assert d["hit_5mm"] == pytest.approx(0.2) and d["detected"] == pytest.approx(0.8)
-    merged = D.HitRates.merge([r, r])
+    merged = HitRates.merge([r, r])
     assert merged.n_labelled == 10 and merged.rate(10) == pytest.approx(0.4)
     # patient space: slices 4 mm apart, pixels 0.5 mm; the wrong-instance detection (one slice
     # over, same pixel) is 4 mm from the labelled point, so it counts within 5 mm in 3-D
@@ -580,8 +617,8 @@ def test_hit_rates():
         [(1, 7, 13, t.condition.name, t.level, 50.0, 50.0) for t in t_ax[:2]],
         columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
     )
-    sel_ax = {t_ax[0].index: D.Detection(0, 3, 14, 50.0, 50.0, 0.9), t_ax[1].index: D.Detection(1, 4, 15, 50.0, 50.0, 0.9)}
-    r_ax = D.detector_hit_rates(sel_ax, coords_ax, ax)
+    sel_ax = {t_ax[0].index: Detection(0, 3, 14, 50.0, 50.0, 0.9), t_ax[1].index: Detection(1, 4, 15, 50.0, 50.0, 0.9)}
+    r_ax = detector_hit_rates(sel_ax, coords_ax, ax)
     assert r_ax.n_right_slice == 1 and r_ax.rate(5) == pytest.approx(0.5)
     assert [rec["dist_3d_mm"] for rec in r_ax.records] == pytest.approx([4.0, 8.0])
     assert r_ax.rate_3d(5) == pytest.approx(0.5) and r_ax.rate_3d(10) == pytest.approx(1.0)
@@ -592,15 +629,15 @@ def test_hit_rates():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = D.build_detector(SAGITTAL_T1, imgsz=96, box_mm=18)
+    model = build_detector(SAGITTAL_T1, imgsz=96, box_mm=18)
     # move BN running stats off their defaults so they are checked too
     model.train()
     with torch.no_grad():
         model(torch.rand(2, 3, 96, 96))
     model.eval()
     path = tmp_path / "det.pt"
-    D.save_detector(model, path, fold=3)
-    loaded = D.load_detector(path)
+    save_detector(model, path, fold=3)
+    loaded = load_detector(path)
     assert loaded.names == model.names and loaded.series_type == SAGITTAL_T1
     assert loaded.imgsz == 96 and loaded.box_mm == 18 and loaded.checkpoint_extra == {"fold": 3}
     x = torch.rand(3, 3, 96, 96)
@@ -608,20 +645,20 @@ def test_save_load_round_trip(tmp_path):
         a, b = model(x)[0], loaded(x)[0]
     assert torch.equal(a, b)
     ckpt = torch.load(path, weights_only=True)  # no pickled modules
-    assert ckpt["nc"] == 10 and ckpt["format"] == D.CHECKPOINT_FORMAT
+    assert ckpt["nc"] == 10 and ckpt["format"] == CHECKPOINT_FORMAT
     json.dumps(ckpt["yaml"])
 
 
-def test_prepare_for_inference_keeps_outputs_and_detections():
+def test_prepare_detector_for_inference_keeps_outputs_and_detections():
     torch.manual_seed(0)
-    model = D.build_detector(SAGITTAL_T1, imgsz=64)
+    model = build_detector(SAGITTAL_T1, imgsz=64)
     model.train()
     with torch.no_grad():  # BN running stats off their defaults, so folding them changes weights
         for _ in range(3):
             model(torch.rand(4, 3, 64, 64) * 2)
     model.eval()
-    prepared = D.prepare_for_inference(copy.deepcopy(model))
-    bare = D.unwrap_model(prepared)
+    prepared = prepare_detector_for_inference(copy.deepcopy(model))
+    bare = unwrap_model(prepared)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bare.modules())
     x = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
@@ -629,8 +666,8 @@ def test_prepare_for_inference_keeps_outputs_and_detections():
     ref, out = (ref[0] if isinstance(ref, (tuple, list)) else ref), (out[0] if isinstance(out, (tuple, list)) else out)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     series = fake_series(SAGITTAL_T1, n=5, rows=70, cols=60)
-    before = D.detect_series(model, series, imgsz=64, conf=0.0, max_det=20)
-    after = D.detect_series(prepared, series, imgsz=64, conf=0.0, max_det=20)
+    before = detect_series(model, series, imgsz=64, conf=0.0, max_det=20)
+    after = detect_series(prepared, series, imgsz=64, conf=0.0, max_det=20)
     assert len(before) == len(after) > 0
     ref_boxes = np.array(sorted((d.slice_index, d.class_id, -d.confidence, d.x, d.y) for d in before))
     new_boxes = np.array(sorted((d.slice_index, d.class_id, -d.confidence, d.x, d.y) for d in after))
@@ -643,27 +680,27 @@ def test_ddp_wrapped_train_and_evaluate(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        model = D.build_detector(SAGITTAL_T2, imgsz=64)
-        loss_fn = D.make_loss_fn(model)  # on the bare model, before wrapping
+        model = build_detector(SAGITTAL_T2, imgsz=64)
+        loss_fn = make_loss_fn(model)  # on the bare model, before wrapping
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        ds = D.DetectorDataset.from_samples(blob_samples(4), SAGITTAL_T2, imgsz=64, augment=True)
-        loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=D.collate_detector)
-        opt = D.make_optimizer(ddp, lr=1e-3)
-        sched = D.make_scheduler(opt, total_steps=4, warmup_steps=1)
+        ds = DetectorDataset.from_samples(blob_samples(4), SAGITTAL_T2, imgsz=64, augment=True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_detector)
+        opt = make_optimizer(ddp, lr=1e-3)
+        sched = make_scheduler(opt, total_steps=4, warmup_steps=1)
         before = [p.detach().clone() for p in model.parameters()]
-        stats = D.train_one_epoch(ddp, loader, opt, loss_fn, "cpu", scheduler=sched)
+        stats = train_one_epoch(ddp, loader, opt, loss_fn, "cpu", scheduler=sched)
         assert stats["n_images"] == 4 and stats["n_batches"] == 2 and math.isfinite(stats["loss"])
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        ev = D.evaluate(ddp, loader, loss_fn, "cpu")
+        ev = evaluate(ddp, loader, loss_fn, "cpu")
         assert ev["n_images"] == 4 and ev["n_targets"] == 20 and math.isfinite(ev["loss"])
         assert 0.0 <= ev["hit_rate_5mm"] <= ev["hit_rate_10mm"] <= 1.0
-        assert D.unwrap_model(ddp) is model
+        assert unwrap_model(ddp) is model
     finally:
         dist.destroy_process_group()
 
 
 def test_fit_detector_small():
-    model, history = D.fit_detector(blob_samples(6), blob_samples(2, seed=1), SAGITTAL_T2, epochs=2, imgsz=64,
+    model, history = fit_detector(blob_samples(6), blob_samples(2, seed=1), SAGITTAL_T2, epochs=2, imgsz=64,
                                     batch_size=3, lr=2e-3)
     assert len(history) == 2 and "val_hit_rate_5mm" in history[-1] and "loss" in history[0]
     assert not model.training and model.names == detector_class_names(SAGITTAL_T2)
@@ -688,10 +725,10 @@ def test_no_network_access(tmp_path):
         from lumbar_ray.models import ultralytics_env
         cfg = ultralytics_env.configure(sys.argv[1])
         import torch
-        from lumbar_ray.models import detector as D
+        from lumbar_ray.models.detector import build_detector, make_loss_fn
         from lumbar_ray.targets import SAGITTAL_T1
-        m = D.build_detector(SAGITTAL_T1, imgsz=64)
-        loss_fn = D.make_loss_fn(m)
+        m = build_detector(SAGITTAL_T1, imgsz=64)
+        loss_fn = make_loss_fn(m)
         batch = {"batch_idx": torch.tensor([0.0]), "cls": torch.tensor([[3.0]]),
                  "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
         loss, _ = loss_fn(m(torch.rand(1, 3, 64, 64)), batch)
@@ -709,7 +746,7 @@ def test_no_network_access(tmp_path):
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lumbar_ray.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ucfg")], capture_output=True, text=True,
                           env=env, timeout=120)
@@ -723,8 +760,11 @@ def test_no_network_access(tmp_path):
 
 
 def test_no_side_effects_at_import():
-    code = "import sys, lumbar_ray.models.detector, lumbar_ray.models.ultralytics_env; print('ultralytics' in sys.modules)"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(D.__file__)))
+    modules = ["lumbar_ray.models.detector", "lumbar_ray.models.detector_preprocess", "lumbar_ray.models.detector_inference",
+               "lumbar_ray.models.target_selection", "lumbar_ray.training.detector_data",
+               "lumbar_ray.training.detector_fit", "lumbar_ray.training.detector_eval", "lumbar_ray.models.ultralytics_env"]
+    code = f"import sys, {', '.join(modules)}; print('ultralytics' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lumbar_ray.__file__)))
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -736,20 +776,20 @@ def test_no_side_effects_at_import():
 def test_cuda_amp_loop_and_inference():
     """The Ray worker order: loss made on CPU, model moved to the GPU afterwards; AMP on."""
     torch.manual_seed(0)
-    model = D.build_detector(SAGITTAL_T2, imgsz=128)
-    loss_fn = D.make_loss_fn(model)
+    model = build_detector(SAGITTAL_T2, imgsz=128)
+    loss_fn = make_loss_fn(model)
     model = model.cuda()
-    ds = D.DetectorDataset.from_samples(blob_samples(8), SAGITTAL_T2, imgsz=128, box_mm=30, augment=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=D.collate_detector)
-    opt = D.make_optimizer(model, lr=2e-3)
+    ds = DetectorDataset.from_samples(blob_samples(8), SAGITTAL_T2, imgsz=128, box_mm=30, augment=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_detector)
+    opt = make_optimizer(model, lr=2e-3)
     scaler = torch.amp.GradScaler("cuda")
     from ultralytics.utils.torch_utils import ModelEMA
 
     ema = ModelEMA(model)
     for _ in range(3):
-        stats = D.train_one_epoch(model, loader, opt, loss_fn, "cuda", scaler, ema=ema)
+        stats = train_one_epoch(model, loader, opt, loss_fn, "cuda", scaler, ema=ema)
         assert math.isfinite(stats["loss"]) and stats["n_images"] == 8
-    ev = D.evaluate(ema.ema, loader, loss_fn, "cuda")
+    ev = evaluate(ema.ema, loader, loss_fn, "cuda")
     assert math.isfinite(ev["loss"])
-    dets = D.detect_series(ema.ema, fake_series(SAGITTAL_T2, n=5), conf=0.0001, device="cuda")
+    dets = detect_series(ema.ema, fake_series(SAGITTAL_T2, n=5), conf=0.0001, device="cuda")
     assert all(isinstance(d.x, float) for d in dets)
