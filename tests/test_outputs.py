@@ -16,21 +16,11 @@ import pytest
 import lumbar_ray
 from lumbar_ray import storage
 from lumbar_ray.metrics import rsna as metrics
-from lumbar_ray.outputs import store as outputs
-from lumbar_ray.outputs.store import (
-    ERRORS_SCHEMA,
-    PREDICTIONS_SCHEMA,
-    OutputWriter,
-    SchemaError,
-    evaluate_scores,
-    export_kaggle,
-    query,
-    read_errors,
-    read_predictions,
-    scored_studies,
-    select_scores,
-    to_predictions_table,
-)
+from lumbar_ray.outputs.evaluation import evaluate_scores
+from lumbar_ray.outputs.kaggle import export_kaggle
+from lumbar_ray.outputs.query import query
+from lumbar_ray.outputs.schema import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, SchemaError, to_predictions_table
+from lumbar_ray.outputs.store import OutputWriter, part_paths, read_errors, read_predictions, scored_studies, select_scores
 from lumbar_ray.targets import PROBABILITY_COLUMNS, TARGETS
 
 LABELS_CSV = Path(lumbar_ray.__file__).parent / "data" / "rsna2024_train_labels.csv.gz"
@@ -154,7 +144,7 @@ def test_bad_error_frames_are_refused(tmp_path):
     # A refused call writes nothing, not even the valid half.
     with pytest.raises(SchemaError):
         w.write(many(["2"]), error_rows(["1"], stage="decode"))
-    assert outputs.part_paths(tmp_path, "predictions") == [] and outputs.part_paths(tmp_path, "errors") == []
+    assert part_paths(tmp_path, "predictions") == [] and part_paths(tmp_path, "errors") == []
 
 
 def test_names_are_checked(tmp_path):
@@ -175,16 +165,16 @@ def test_one_part_per_nonempty_table_per_call(tmp_path):
         w.write(None, error_rows(["2"]))
         assert w.write(pd.DataFrame(), None) == []
         w.write(many(["3"]), error_rows(["4"]))
-    preds = [Path(p).name for p in outputs.part_paths(tmp_path, "predictions")]
-    errs = [Path(p).name for p in outputs.part_paths(tmp_path, "errors")]
+    preds = [Path(p).name for p in part_paths(tmp_path, "predictions")]
+    errs = [Path(p).name for p in part_paths(tmp_path, "errors")]
     assert preds == ["part-r1-000000.parquet", "part-r1-000002.parquet"]
     assert errs == ["part-r1-000001.parquet", "part-r1-000002.parquet"]
     # Reopening the same run continues the numbering instead of overwriting.
     OutputWriter(tmp_path, "r1", "v").write(many(["5"]))
-    assert Path(outputs.part_paths(tmp_path, "predictions")[-1]).name == "part-r1-000003.parquet"
+    assert Path(part_paths(tmp_path, "predictions")[-1]).name == "part-r1-000003.parquet"
     # Writers sharing a run id get their own names.
     OutputWriter(tmp_path, "r1", "v", writer_id="w7").write(many(["6"]))
-    assert "part-r1-w7-000000.parquet" in [Path(p).name for p in outputs.part_paths(tmp_path, "predictions")]
+    assert "part-r1-w7-000000.parquet" in [Path(p).name for p in part_paths(tmp_path, "predictions")]
     assert len(read_predictions(tmp_path)) == 4 * 25  # studies 1, 3, 5, 6
     assert not [n for n in os.listdir(tmp_path / "predictions") if not n.startswith("part-")]
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from lumbar_ray.outputs import overlays as report
+from lumbar_ray.outputs import overlays
 from lumbar_ray.outputs.store import OutputWriter
 from lumbar_ray.outputs.overlays import write_study_report
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS
@@ -64,7 +64,7 @@ def red_pixels(png: bytes) -> int:
 def test_one_png_per_series_with_content(tmp_path, monkeypatch):
     study = fake_study("123")
     calls = []
-    monkeypatch.setattr(report, "_read_study", lambda root, sid, split: calls.append((root, sid, split)) or study)
+    monkeypatch.setattr(overlays, "read_study", lambda root, sid, split: calls.append((root, sid, split)) or study)
     out = tmp_path / "out"
     severe_spinal = TARGETS[3].index  # spinal canal stenosis L4/L5 -> Sagittal T2/STIR, drawn red
     with OutputWriter(out, "r", "v1") as w:
@@ -85,7 +85,7 @@ def test_one_png_per_series_with_content(tmp_path, monkeypatch):
 
 def test_missing_series_and_no_detections(tmp_path, monkeypatch):
     study = fake_study("7", types=(SAGITTAL_T2, AXIAL_T2))
-    monkeypatch.setattr(report, "_read_study", lambda root, sid, split: study)
+    monkeypatch.setattr(overlays, "read_study", lambda root, sid, split: study)
     axial = {t.index for t in TARGETS if t.series_type == AXIAL_T2}
     frame = predictions("7", undetected=axial)
     paths = write_study_report(frame, "root", "7", tmp_path, split="train")
@@ -96,8 +96,7 @@ def test_missing_series_and_no_detections(tmp_path, monkeypatch):
 
 
 def test_real_dicom_study(tmp_path):
-    """The same report from DICOM files written with dicom_write and read with dicom_io."""
-    pytest.importorskip("lumbar_ray.dicom.read")
+    """The same report from DICOM files written by lumbar_ray.dicom.write and read back by lumbar_ray.dicom.read."""
     from lumbar_ray.dicom.write import uid_for, write_mr_series
 
     root, study_id, split = tmp_path / "data", "4242", "test"

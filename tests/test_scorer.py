@@ -1,4 +1,4 @@
-"""DeepScoreNet layout, focal loss, crops, augmentation, inference (all CPU, fast)."""
+"""DeepScoreNet layout, focal loss and inference; crops; crop augmentation (all CPU, fast)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lumbar_ray.models.crops import extract_crop, extract_crops, mirror_axis, normalize_crop
 from lumbar_ray.models.deepscorenet import (
-    AugmentConfig,
-    CropDataset,
     DeepScoreNet,
     FocalLoss,
     KerasSameMaxPool2d,
-    augment_crop,
-    augment_crops,
     class_weights_from_labels,
     count_parameters,
-    extract_crop,
-    extract_crops,
     keras_same_padding,
-    mirror_axis,
-    normalize_crop,
-    oversample_indices,
     predict_proba,
+    prepare_scorer_for_inference,
 )
+from lumbar_ray.training.crop_data import CropAugment, CropDataset, augment_crop, augment_crops, oversample_indices
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 
 # ---------------------------------------------------------------- model
@@ -229,7 +223,7 @@ def test_mirror_axis_only_patient_left_right():
     assert mirror_axis(SAGITTAL_T2, "adjacent") == 0
     assert mirror_axis(None) is None
     crop = np.random.default_rng(0).uniform(size=(3, 32, 32)).astype(np.float32)
-    still = AugmentConfig(mirror_p=1.0, max_rotation_deg=0, max_shift_px=0, max_scale=0, gamma=0,
+    still = CropAugment(mirror_p=1.0, max_rotation_deg=0, max_shift_px=0, max_scale=0, gamma=0,
                           contrast=0, brightness=0, noise_std=0)
     rng = np.random.default_rng(0)
     assert np.allclose(augment_crop(crop, rng, still, flip_axis=2), crop[:, :, ::-1])
@@ -326,9 +320,7 @@ def test_grade_crops_on_cpu_uses_one_batch_size(model):
         np.testing.assert_allclose(probs, predict_proba(model, crops, batch_size=512), atol=1e-6)
 
 
-def test_prepare_for_inference_folds_batchnorm_and_keeps_probabilities():
-    from lumbar_ray.models.deepscorenet import prepare_for_inference
-
+def test_prepare_scorer_for_inference_folds_batchnorm_and_keeps_probabilities():
     torch.manual_seed(0)
     net = DeepScoreNet()
     net.train()
@@ -337,7 +329,7 @@ def test_prepare_for_inference_folds_batchnorm_and_keeps_probabilities():
             net(torch.rand(8, 3, 32, 32) * 3)
     crops = np.random.default_rng(1).uniform(size=(6, 3, 32, 32)).astype(np.float32)
     expected = predict_proba(net, crops)
-    prepared = prepare_for_inference(copy.deepcopy(net))
+    prepared = prepare_scorer_for_inference(copy.deepcopy(net))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 11  # the original is untouched
     np.testing.assert_allclose(predict_proba(prepared, crops), expected, atol=1e-5)

@@ -1,1 +1,2 @@
-"""Outputs: the Parquet schema, writer/reader/resume, Kaggle export, SQL query, evaluation, overlays."""
+"""Scoring outputs: schema (tables and their checks), store (write, read, resume), kaggle (export),
+query (SQL), evaluation (against labels), overlays (per-study PNG report)."""

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lumbar_ray import storage
+from lumbar_ray.dicom.read import read_study
 from lumbar_ray.outputs.store import select_scores
 from lumbar_ray.targets import PROBABILITY_COLUMNS, SERIES_TYPES, SEVERITIES, TARGET_BY_COLUMN, series_slug
 
@@ -37,13 +38,6 @@ GRADE_COLOURS: tuple[str, ...] = ("#2ca02c", "#ff7f0e", "#d62728")
 _PROBS = list(PROBABILITY_COLUMNS)
 _SIDE = {"left": "L", "right": "R", None: ""}
 _MAX_COLS = 3
-
-
-def _read_study(data_root, study_id, split):
-    """The study reader (a seam for tests)."""
-    from lumbar_ray.dicom.read import read_study
-
-    return read_study(data_root, study_id, split=split)
 
 
 def report_path(to_dir: str | os.PathLike, study_id: str, series_type: str) -> str:
@@ -111,44 +105,27 @@ def _panels(rows: pd.DataFrame, default_series, by_id: dict[str, Any]) -> tuple[
     return ordered, notes
 
 
-def _draw_series(study_id: str, series_type: str, series, rows: pd.DataFrame, by_id: dict[str, Any],
-                 header: list[str], flags: list[str]) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _draw_panel(ax, series, k: int, instance: int, hits: list) -> None:
+    """One slice in grey with a marker and a grade label at each detected target on it."""
+    image = np.asarray(series.volume[k], dtype=np.float32)
+    vmin, vmax = _window(image)
+    ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_title(f"instance {instance}" + ("" if hits else " (no detections)"), fontsize=9)
+    ax.set_axis_off()
+    for row in hits:
+        colour = GRADE_COLOURS[int(row["grade"])]
+        ax.plot([row["x"]], [row["y"]], marker="o", markersize=11, markerfacecolor="none",
+                markeredgecolor=colour, markeredgewidth=2.0, linestyle="none")
+        ax.plot([row["x"]], [row["y"]], marker="+", markersize=6, color=colour, linestyle="none")
+        dx, dy, ha, va = _label_offset(row, image.shape[1])
+        ax.annotate(_label(row), (row["x"], row["y"]), xytext=(dx, dy), textcoords="offset points",
+                    ha=ha, va=va, color="white", fontsize=7.5, fontweight="bold",
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": colour, "alpha": 0.85, "linewidth": 0})
 
-    panels, notes = _panels(rows, series, by_id)
-    n = max(len(panels), 1)
-    ncols = min(n, _MAX_COLS)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(3.8 * ncols + 4.2, 3.9 * nrows + 0.4), dpi=100)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(nrows, ncols + 1, width_ratios=[1.0] * ncols + [1.15])
-    fig.suptitle(f"study {study_id} - {series_type} (series {series.series_id})", fontsize=11)
 
-    if not panels:  # nothing detected on this series: show its middle slice
-        k = len(series.instance_numbers) // 2
-        panels_to_draw = [(series, k, int(np.asarray(series.instance_numbers)[k]), [])]
-    else:
-        panels_to_draw = panels
-    for i, (ser, k, instance, hits) in enumerate(panels_to_draw):
-        ax = fig.add_subplot(grid[i // ncols, i % ncols])
-        image = np.asarray(ser.volume[k], dtype=np.float32)
-        vmin, vmax = _window(image)
-        ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"instance {instance}" + ("" if hits else " (no detections)"), fontsize=9)
-        ax.set_axis_off()
-        for row in hits:
-            colour = GRADE_COLOURS[int(row["grade"])]
-            ax.plot([row["x"]], [row["y"]], marker="o", markersize=11, markerfacecolor="none",
-                    markeredgecolor=colour, markeredgewidth=2.0, linestyle="none")
-            ax.plot([row["x"]], [row["y"]], marker="+", markersize=6, color=colour, linestyle="none")
-            dx, dy, ha, va = _label_offset(row, image.shape[1])
-            ax.annotate(_label(row), (row["x"], row["y"]), xytext=(dx, dy), textcoords="offset points",
-                        ha=ha, va=va, color="white", fontsize=7.5, fontweight="bold",
-                        bbox={"boxstyle": "round,pad=0.2", "facecolor": colour, "alpha": 0.85, "linewidth": 0})
-
-    side = fig.add_subplot(grid[:, ncols])
-    side.set_axis_off()
+def _side_note(rows: pd.DataFrame, header: list[str], notes: list[str], flags: list[str]) -> list[tuple[str, str]]:
+    """The (text, colour) lines beside the slices: header, each target's probabilities and grade,
+    the undetected targets (prior used), targets that could not be drawn, and the study's flags."""
     lines: list[tuple[str, str]] = [(h, "black") for h in header]
     lines.append(("", "black"))
     lines.append(("grade  N/M   Mod   Sev", "black"))
@@ -172,6 +149,33 @@ def _draw_series(study_id: str, series_type: str, series, rows: pd.DataFrame, by
         lines.append(("", "black"))
         lines.append(("flags:", "black"))
         lines.extend((f"  {flag}", "dimgray") for flag in flags)
+    return lines
+
+
+def _draw_series(study_id: str, series_type: str, series, rows: pd.DataFrame, by_id: dict[str, Any],
+                 header: list[str], flags: list[str]) -> bytes:
+    # heavy: matplotlib; imported only when a report is drawn
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels, notes = _panels(rows, series, by_id)
+    n = max(len(panels), 1)
+    ncols = min(n, _MAX_COLS)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.8 * ncols + 4.2, 3.9 * nrows + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(nrows, ncols + 1, width_ratios=[1.0] * ncols + [1.15])
+    fig.suptitle(f"study {study_id} - {series_type} (series {series.series_id})", fontsize=11)
+
+    if not panels:  # nothing detected on this series: show its middle slice
+        k = len(series.instance_numbers) // 2
+        panels = [(series, k, int(np.asarray(series.instance_numbers)[k]), [])]
+    for i, (ser, k, instance, hits) in enumerate(panels):
+        _draw_panel(fig.add_subplot(grid[i // ncols, i % ncols]), ser, k, instance, hits)
+
+    side = fig.add_subplot(grid[:, ncols])
+    side.set_axis_off()
+    lines = _side_note(rows, header, notes, flags)
     step = min(0.035, 0.98 / max(len(lines), 1))
     for j, (text, colour) in enumerate(lines):
         side.text(0.0, 1.0 - j * step, text, transform=side.transAxes, va="top", ha="left",
@@ -221,7 +225,7 @@ def write_study_report(
     if "run_id" in rows:
         header.append(f"run {rows['run_id'].iloc[0]}")
 
-    study = _read_study(data_root, study_id, split)
+    study = read_study(data_root, study_id, split=split)
     by_id = _series_by_id(study)
     written: list[str] = []
     for series_type in SERIES_TYPES:
