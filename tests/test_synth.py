@@ -15,8 +15,10 @@ import pytest
 from pydicom.uid import MRImageStorage, RLELossless
 
 from lumbar_ray.dicom.write import uid_for, write_mr_series
-from lumbar_ray.synth.writer import (COORDINATE_COLUMNS, SERIES_COLUMNS, list_study_ids, sample_label_vectors, study_ids_of,
-                              synthesize, write_contact_sheet)
+from lumbar_ray.synth.contact_sheet import write_contact_sheet
+from lumbar_ray.synth.labels import sample_label_vectors
+from lumbar_ray.metrics.labels import COORDINATE_COLUMNS
+from lumbar_ray.synth.writer import SERIES_COLUMNS, list_study_ids, study_ids_of, synthesize
 from lumbar_ray.targets import AXIAL_T2, CONDITIONS, LEVELS, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES, SEVERITIES, TARGET_COLUMNS, TARGETS
 
 SEED = 7
