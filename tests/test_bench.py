@@ -4,6 +4,7 @@ sampler sees a process tree, and the verdicts are honest."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,16 +14,29 @@ import pandas as pd
 import pytest
 import torch
 
-from lumbar_ray.bench import scoring as bench
-from lumbar_ray.dicom.read import Series, Study
+from lumbar_ray.bench import nodes as bench_nodes
+from lumbar_ray.bench import stages as bench_stages
+from lumbar_ray.bench.memory import MemorySampler
+from lumbar_ray.bench.paths import (
+    CallCounter, batched_predict, detectors_alone, paper_style_predict, per_crop_proba, watch_bundle,
+)
+from lumbar_ray.bench.phases import fresh_process
+from lumbar_ray.bench.prepare import warm_page_cache
+from lumbar_ray.bench.results import Measurement, aggregate, marginal_rate, markdown_table, verdicts
+from lumbar_ray.bench.scoring import get_args_parser, score_kwargs
+from lumbar_ray.config import ScoreConfig
+from lumbar_ray.dicom.series import Series, Study
+from lumbar_ray.models import ultralytics_env
+from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba
+from lumbar_ray.models.detector import build_detector
+from lumbar_ray.models.detector_preprocess import preprocess_slices
+from lumbar_ray.scoring.study import ModelBundle, study_rows
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS, targets_for_series
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _ultralytics_offline(tmp_path_factory):
     if "ultralytics" not in sys.modules:
-        from lumbar_ray.models import ultralytics_env
-
         ultralytics_env.configure(tmp_path_factory.mktemp("ultralytics"))
     # One thread: tiny tensors gain nothing from more, and a busy 2-core machine makes OpenMP's
     # spinning threads 10-100x slower. Restored for the other modules.
@@ -69,9 +83,6 @@ def _series(series_type: str, n: int, rows: int, cols: int, seed: int) -> Series
 
 
 def _bundle():
-    from lumbar_ray.models.deepscorenet import DeepScoreNet
-    from lumbar_ray.scoring.study import ModelBundle
-
     torch.manual_seed(0)
     scorer = DeepScoreNet(in_channels=3)
     # Non-trivial BatchNorm statistics, so eval mode really normalises.
@@ -91,13 +102,11 @@ def _study() -> Study:
 
 
 def test_paper_loop_equals_batched_package_path():
-    from lumbar_ray.scoring.study import study_rows
-
     bundle, study = _bundle(), _study()
-    counter = bench.watch_bundle(bundle)
-    paper, paper_probs = bench.paper_style_predict(bundle, study)
+    counter = watch_bundle(bundle)
+    paper, paper_probs = paper_style_predict(bundle, study)
     counter.remove()
-    batched, batched_probs = bench.batched_predict(bundle, study, slice_batch=32)
+    batched, batched_probs = batched_predict(bundle, study, slice_batch=32)
 
     n_slices = sum(s.n_slices for s in study.series.values())
     # (b) is what it claims: one detector call per slice, one DeepScoreNet call per crop.
@@ -123,20 +132,16 @@ def test_paper_loop_equals_batched_package_path():
 def test_per_crop_proba_one_call_per_crop_and_empty():
     bundle = _bundle()
     crops = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
-    counter = bench.CallCounter().watch("scorer", bundle.scorer)
-    probs = bench.per_crop_proba(bundle.scorer, crops)
+    counter = CallCounter().watch("scorer", bundle.scorer)
+    probs = per_crop_proba(bundle.scorer, crops)
     counter.remove()
     assert counter.calls["scorer"] == 5 and counter.max_batch["scorer"] == 1
-    from lumbar_ray.models.deepscorenet import predict_proba
-
     np.testing.assert_allclose(probs, predict_proba(bundle.scorer, crops, batch_size=256), atol=1e-5)
-    assert bench.per_crop_proba(bundle.scorer, crops[:0]).shape == (0, 3)
+    assert per_crop_proba(bundle.scorer, crops[:0]).shape == (0, 3)
 
 
 def test_real_yolo_is_batch_invariant_in_eval_mode():
     """The real YOLOv8n graph gives the same outputs one slice at a time as batched."""
-    from lumbar_ray.models.detector import build_detector, preprocess_slices
-
     model = build_detector(AXIAL_T2, imgsz=64, seed=0).eval()
     vol = np.random.default_rng(1).uniform(0, 1, (5, 80, 70)).astype(np.float32)
     x, _ = preprocess_slices(vol, 64)
@@ -148,8 +153,8 @@ def test_real_yolo_is_batch_invariant_in_eval_mode():
 
 def test_detectors_alone_counts_slices_batched():
     bundle, study = _bundle(), _study()
-    counter = bench.watch_bundle(bundle)
-    n = bench.detectors_alone(bundle, [study, study], slice_batch=32)
+    counter = watch_bundle(bundle)
+    n = detectors_alone(bundle, [study, study], slice_batch=32)
     counter.remove()
     assert n == 2 * sum(s.n_slices for s in study.series.values()) == counter.items["detector"]
     assert counter.calls["detector"] == 6  # one call per series: every series fits in one batch
@@ -157,7 +162,7 @@ def test_detectors_alone_counts_slices_batched():
 
 
 def test_memory_sampler_sees_self_and_children():
-    with bench.MemorySampler(interval_s=0.05) as mem:
+    with MemorySampler(interval_s=0.05) as mem:
         block = np.ones(40_000_000, dtype=np.float64)  # 305 MB, touched
         time.sleep(0.2)
         del block
@@ -166,60 +171,62 @@ def test_memory_sampler_sees_self_and_children():
     assert mem.group_peaks["driver"] * 2**-20 > 250
 
     code = "import numpy as np, time; a = np.ones(30_000_000); time.sleep(1.5)"
-    with bench.MemorySampler(interval_s=0.05) as tree:
+    with MemorySampler(interval_s=0.05) as tree:
         child = subprocess.Popen([sys.executable, "-c", code])
         child.wait(timeout=30)
     assert tree.max_processes >= 2
     assert tree.group_peaks.get("other", 0) * 2**-20 > 200  # the child's 229 MB counted
 
 
+def test_fresh_process_runs_a_bench_function_in_a_new_process(tmp_path):
+    # The phases travel by their module path, as `python -m lumbar_ray.bench.scoring` sends them.
+    assert fresh_process(warm_page_cache, str(tmp_path), "test", []) == 0
+    assert fresh_process(os.getpid) != os.getpid() == fresh_process(os.getpid, isolate=False)
+
+
 def _m(path, n, seconds, peak=1000.0):
-    return bench.Measurement(path, n, seconds, n, peak_rss_mb=peak)
+    return Measurement(path, n, seconds, n, peak_rss_mb=peak)
 
 
 def test_verdicts_are_honest():
     # a: 4 in 20 s, 40 in 38 s; b: 40 in 80 s; c: 40 in 30 s
     results = [_m("a", 4, 20.0, 1000), _m("a", 40, 38.0, 1050), _m("b", 4, 8.0, 800), _m("b", 40, 80.0, 1100),
                _m("c", 4, 3.0), _m("c", 40, 30.0)]
-    assert bench.marginal_rate(results, "a", 4, 40) == pytest.approx(36 / 18)
-    v = {x.name.split(" at ")[0].split(",")[0]: x for x in bench.verdicts(results, 4, 40)}
+    assert marginal_rate(results, "a", 4, 40) == pytest.approx(36 / 18)
+    v = {x.name.split(" at ")[0].split(",")[0]: x for x in verdicts(results, 4, 40)}
     assert v["a/b >= 5"].met is False and v["a/b >= 5"].measured == "2.105"
     assert "c/b = 2.67" in v["a/b >= 5"].why  # the reason comes from the measurements
     assert v["a/c >= 0.8"].met is False and v["a/c >= 0.8"].measured == "0.789"
-    flat = [x for x in bench.verdicts(results, 4, 40) if x.name.startswith("memory")]
+    flat = [x for x in verdicts(results, 4, 40) if x.name.startswith("memory")]
     assert [x.met for x in flat] == [True, False]  # +5% is flat, +37.5% is not
-    table = bench.markdown_table(results, 4, 40)
+    table = markdown_table(results, 4, 40)
     assert table.count("\n| (a) Ray pipeline |") == 2 and "**no**" in table and "| yes |" in table
     # missing paths are reported as not measured, never as met
-    partial = bench.verdicts([_m("a", 4, 1.0), _m("a", 40, 5.0)], 4, 40)
+    partial = verdicts([_m("a", 4, 1.0), _m("a", 40, 5.0)], 4, 40)
     assert [x.met for x in partial[:2]] == [None, None]
 
 
 def test_args_and_gpu_defaults():
-    p = bench.get_args_parser()
+    p = get_args_parser()
     args = p.parse_args([])
     assert (args.n, args.scale, args.size, args.num_gpus) == (4, 10, "small", 0)
-    kw = bench._score_kwargs(args, "/data", "/reg@v1")
+    kw = score_kwargs(args, "/data", "/reg@v1")
     assert kw["detector_gpus"] == 0.0 and kw["scorer_gpus"] == 0.0 and kw["detector_pool"] == 1
-    gpu = bench._score_kwargs(p.parse_args(["--num-gpus", "2", "--size", "full"]), "/data", "/reg@v1")
+    gpu = score_kwargs(p.parse_args(["--num-gpus", "2", "--size", "full"]), "/data", "/reg@v1")
     assert gpu["detector_pool"] == 2 and gpu["detector_gpus"] == 0.75 and gpu["scorer_gpus"] == 0.25
-    from lumbar_ray.scoring.pipeline import ScoreConfig
-
     ScoreConfig(out="/o", **gpu)  # every key is a ScoreConfig field
 
 
 def test_aggregate_takes_the_median_round_and_the_highest_peak():
     runs = [_m("c", 4, 3.0, 900), _m("c", 4, 9.0, 950), _m("c", 4, 4.0, 1200), _m("c", 40, 30.0)]
-    rows = bench.aggregate(runs)
+    rows = aggregate(runs)
     c4 = next(m for m in rows if m.n == 4)
     assert (c4.seconds, c4.repeats, c4.seconds_min, c4.seconds_max, c4.peak_rss_mb) == (4.0, 3, 3.0, 9.0, 1200)
     assert [m.n for m in rows] == [4, 40]
-    assert "4.0 (3.0..9.0)" in bench.markdown_table(rows, 4, 40)
+    assert "4.0 (3.0..9.0)" in markdown_table(rows, 4, 40)
 
 
 def test_node_scaling_table_and_arguments():
-    from lumbar_ray.bench import nodes as bench_nodes
-
     rows = [
         {"nodes": 1, "cpus": 1.0, "detector_pool": 1, "studies": 6, "seconds": 12.0, "studies_per_s": 0.5},
         {"nodes": 2, "cpus": 2.0, "detector_pool": 2, "studies": 6, "seconds": 8.0, "studies_per_s": 0.75},
@@ -236,8 +243,6 @@ def test_node_scaling_table_and_arguments():
 
 
 def test_stage_costs_report_every_stage(tmp_path):
-    from lumbar_ray.bench import stages as bench_stages
-
     lines: list[str] = []
     args = bench_stages.get_args_parser().parse_args(
         ["--studies", "1", "--size", "small", "--repeat", "1", "--imgsz", "64", "--workdir", str(tmp_path)])

@@ -1,8 +1,8 @@
 """Private Ray clusters on one shared machine: free ports and a private ``RAY_TMPDIR``.
 
-Used by ``make bench-nodes`` (:mod:`lumbar_ray.bench.nodes`) and the tests (``tests/raycluster.py``),
-which start real multi-node clusters (``ray.cluster_utils.Cluster``) or a ``ray start --head`` on
-machines that other developers, helpers and CI share. Two rules keep such a cluster to itself:
+Used by ``make bench-nodes`` (:func:`lumbar_ray.bench.phases.phase_nodes`) and the tests
+(``tests/raycluster.py``), which start real multi-node clusters (``ray.cluster_utils.Cluster``) or
+a ``ray start --head`` on machines that other developers, helpers and CI share. Two rules keep such a cluster to itself:
 
 - **Every port it opens is chosen free**, below the kernel's ephemeral range (so no outgoing
   connection takes one meanwhile), picked at random so that parallel runs stay apart.
@@ -86,12 +86,11 @@ def private_ray_tmpdir(prefix: str = "lr-mn-") -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", *ENV_PORTS)}
     ports, _ = free_ports(len(ENV_PORTS))
     os.environ["RAY_TMPDIR"] = temp_dir
-    # RAY_AUTH_MODE is left as this process has it, on purpose: the nodes inherit it, so they and
-    # this driver agree. An earlier local ray.init() here (e.g. a test fixture) set it to "token"
-    # (Ray 2.60 does when ~/.ray/auth_token exists) and that choice stays cached in the driver's
-    # core worker; nodes started with "disabled" then send no token to the driver's own gRPC
-    # server, its calls are refused, and the driver looks dead to them (OwnerDiedError, actors
-    # "cancelled before they started").
+    # RAY_AUTH_MODE is left as this process has it: the nodes inherit it, so they and this driver
+    # agree. A driver that already ran a local ray.init() keeps the auth mode chosen then ("token"
+    # when ~/.ray/auth_token exists); nodes with another mode send it no token, its gRPC server
+    # refuses their calls and it looks dead to them (OwnerDiedError, actors "cancelled before they
+    # started").
     os.environ.pop("RAY_ADDRESS", None)
     for name, port in zip(ENV_PORTS, ports):
         os.environ[name] = str(port)

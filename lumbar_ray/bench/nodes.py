@@ -3,7 +3,7 @@ Ray nodes — a benchmark, not a test.
 
 For k = 1 .. ``--nodes``, a private Ray cluster of k nodes (``ray.cluster_utils.Cluster``: a head
 and k - 1 worker nodes, each a separate raylet with ``--cpus-per-node`` CPUs, all on this machine)
-runs the same scoring pipeline (:func:`lumbar_ray.bench.scoring.phase_pipeline`, the (a) path of
+runs the same scoring pipeline (:func:`lumbar_ray.bench.phases.phase_nodes`: the (a) path of
 ``make bench``) with k detector actors over the same N and ``scale`` x N studies. Ray Data spreads
 the actors over the nodes (``tests/test_ray_cluster.py`` checks that they land on both); the table
 shows studies/s and the speed-up over one node.
@@ -18,39 +18,17 @@ on the machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
-from lumbar_ray.bench import scoring as bench
-
-
-def phase_nodes(n_nodes: int, cpus_per_node: float, score_kwargs: dict, id_sets: list[list[str]], interval_s: float,
-                scratch: str) -> dict:
-    """In a fresh process: start an ``n_nodes`` cluster, run the pipeline on each id set, stop it."""
-    from ray.cluster_utils import Cluster
-
-    from lumbar_ray.bench.localcluster import node_args, private_ray_tmpdir
-
-    with private_ray_tmpdir(prefix="lr-nodes-") as temp_dir:
-        cluster = Cluster(initialize_head=True,
-                          head_node_args=node_args(temp_dir, cpus_per_node, head=True, object_store_mb=300))
-        try:
-            for _ in range(n_nodes - 1):
-                cluster.add_node(**node_args(temp_dir, cpus_per_node, head=False, object_store_mb=300))
-            cluster.wait_for_nodes()
-            t0 = time.perf_counter()
-            runs = bench.phase_pipeline(score_kwargs, id_sets, cluster.address, None, None, interval_s, scratch)
-            return {"runs": runs, "phase_s": time.perf_counter() - t0}
-        finally:
-            cluster.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+from lumbar_ray.bench.phases import fresh_process, phase_nodes
+from lumbar_ray.bench.prepare import environment, prepare_data, prepare_models, warm_page_cache
+from lumbar_ray.bench.results import Measurement, format_number
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -98,10 +76,10 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
     # the shared preparation of `make bench` (synthetic data, a small registry)
     prep = argparse.Namespace(**{**vars(args), "num_cpus": None})
     n_big = args.n * args.scale
-    root, ids = bench._prepare_data(prep, n_big, echo)
-    models = bench._prepare_models(prep, echo)
+    root, ids = prepare_data(prep, n_big, echo)
+    models = prepare_models(prep, echo)
     id_sets = [ids[: args.n], ids[:n_big]] if n_big > args.n else [ids[: args.n]]
-    bench._warm_page_cache(root, args.split, ids)
+    warm_page_cache(root, args.split, ids)
     rows = []
     scratch = tempfile.mkdtemp(prefix="lumbar-ray-bench-nodes-")
     try:
@@ -114,18 +92,18 @@ def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
                       scorer_gpus=0.0, slice_batch=args.slice_batch)
             echo(f"[bench-nodes] {k} node(s) x {args.cpus_per_node:g} CPU, {k} detector actor(s): "
                  f"{', '.join(str(len(s)) for s in id_sets)} studies ...")
-            out = bench._fresh_process("phase_nodes_entry", k, args.cpus_per_node, kw, id_sets, args.interval, scratch,
-                                       isolate=not args.no_isolate)
+            out = fresh_process(phase_nodes, k, args.cpus_per_node, kw, id_sets, args.interval, scratch,
+                                isolate=not args.no_isolate)
             for r in out["runs"]:
-                m = bench.Measurement(**r)
+                m = Measurement(**r)
                 row = {"nodes": k, "cpus": k * args.cpus_per_node, "detector_pool": k, "studies": m.n_scored,
                        "seconds": m.seconds, "studies_per_s": m.studies_per_s, "failed": m.n_failed}
                 rows.append(row)
                 echo(f"[bench-nodes]   {m.n_scored} studies in {m.seconds:.1f} s = {m.studies_per_s:.2f} studies/s "
-                     f"(load {bench._fmt(m.load_avg_1m, 1)})")
+                     f"(load {format_number(m.load_avg_1m, 1)})")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    env = bench.environment()
+    env = environment()
     caption = (f"_{args.size} synthetic studies; k nodes x {args.cpus_per_node:g} CPU on one machine with "
                f"{env['cpus']} CPUs ({env['cpu_model']}); k detector actors x {args.detector_cpus:g} CPU, 1 scorer "
                f"actor x {args.scorer_cpus:g} CPU; wall time of run_scoring incl. actor start-up. Command: "
