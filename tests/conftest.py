@@ -36,13 +36,74 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+# ----- fault injection: a training worker that dies, for the fault-tolerance test --------------
+
+KILLED_JOB = "scorer"  # the job whose trials lose their first worker ...
+KILLED_AT_EPOCH = 1  # ... when it reports this epoch
+
+
+def kill_first_attempt(job: str, epoch: int, markers: str):
+    """A Ray ``worker_process_setup_hook``: while ``{markers}/armed`` exists, the first attempt
+    of every trial of ``job`` dies (``os._exit``) when its worker reports ``epoch`` — the epoch
+    trained, its report and checkpoint not yet given to Ray — so the retry must resume from the
+    previous epoch's checkpoint. A marker file per trial tells the first attempt from the retry.
+
+    It dies a few seconds after the previous report, as a worker lost mid-epoch would: Ray
+    Train's controller collects reports (and their checkpoints) when it polls the workers, every
+    2 s by default, so a worker that dies within that window after reporting loses that report
+    too and resumes from the one before.
+
+    The hook is a closure, so Ray pickles it by value (tests/ is not importable in the workers).
+    """
+
+    def install() -> None:
+        import os
+        import time
+        from pathlib import Path
+
+        import ray.train
+
+        report = ray.train.report
+
+        def report_or_die(metrics, *args, **kwargs):
+            if metrics.get("epoch") == epoch and Path(markers, "armed").exists():
+                trial = ray.train.get_context().get_experiment_name()  # {version}-{job}-{fold}
+                marker = Path(markers, f"{trial}.killed")
+                if f"-{job}-" in trial and not marker.exists():
+                    time.sleep(6.0)
+                    marker.write_text(f"killed reporting epoch {epoch}, pid {os.getpid()}\n")
+                    os._exit(1)
+            return report(metrics, *args, **kwargs)
+
+        ray.train.report = report_or_die
+
+    return install
+
+
+@pytest.fixture(scope="session")
+def killed_trials(tmp_path_factory):
+    """The fault injection's marker folder, and the setup hook that installs it in every Ray
+    worker process of a runtime (``trained`` arms it while it trains)."""
+    markers = tmp_path_factory.mktemp("killed-trials")
+    return markers, kill_first_attempt(KILLED_JOB, KILLED_AT_EPOCH, str(markers))
+
+
+def with_setup_hook(hook) -> dict:
+    """A fresh ``runtime_env`` for each ``ray.init``: Ray writes the exported hook's key (which
+    names the job) into the dict it is given, and a second ``ray.init`` with that dict would
+    then refuse the hook as a conflicting one."""
+    return {"worker_process_setup_hook": hook}
+
+
 @pytest.fixture(scope="module")
-def ray_runtime():
-    """One real local Ray runtime per test module (Ray 2.60 has no local_mode), 2 CPUs."""
+def ray_runtime(killed_trials):
+    """One real local Ray runtime per test module (Ray 2.60 has no local_mode), 2 CPUs; with the
+    fault injection installed, since ``trained`` may train in it."""
     import ray
 
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=with_setup_hook(killed_trials[1]))
     try:
         yield ray
     finally:
@@ -67,15 +128,16 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained(synthetic_root, tmp_path_factory):
+def trained(synthetic_root, tmp_path_factory, killed_trials):
     """A registry version trained with 2-fold CV on Ray (tiny: fast, not accurate), made champion.
 
-    The scorer trials' first worker is killed at epoch 1 (fault injection) and must resume from
-    the epoch-0 checkpoint: tests/test_training.py checks that.
+    The scorer trials' first worker is killed at epoch 1 (``kill_first_attempt``) and must
+    resume from the epoch-0 checkpoint: tests/test_training.py checks that.
     """
+    import ray
+
     from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
     from lumbar_ray.models.registry import ModelRegistry
-    from lumbar_ray.runtime import ray_session
     from lumbar_ray.training.cv import run_training
 
     registry = tmp_path_factory.mktemp("registry")
@@ -84,9 +146,19 @@ def trained(synthetic_root, tmp_path_factory):
         scorer=ScorerConfig(epochs=2, batch_size=64),
         detector=DetectorConfig(epochs=1, imgsz=64, batch_size=8),
         resources=ResourceConfig(cpus_per_worker=1.0),
-        inject_failure_at_epoch=1, inject_failure_job="scorer",
     )
-    with ray_session(num_cpus=2):
+    markers, hook = killed_trials
+    started_ray = not ray.is_initialized()  # else a module's ray_runtime, hook installed
+    if started_ray:
+        os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+                 runtime_env=with_setup_hook(hook))
+    (markers / "armed").touch()
+    try:
         outcome = run_training(cfg)
+    finally:
+        (markers / "armed").unlink()
+        if started_ray:
+            ray.shutdown()
     ModelRegistry(str(registry)).set_champion(outcome.version, reason="test fixture")
     return outcome

@@ -43,8 +43,10 @@ def test_folds_ran_concurrently(trained):
     assert overlapping, f"no fold-0 trial overlapped a fold-1 trial: {spans}"
 
 
-def test_killed_worker_resumed_from_its_checkpoint(trained):
+def test_killed_worker_resumed_from_its_checkpoint(trained, killed_trials):
+    markers, _ = killed_trials
     for fold in ("fold0", "fold1"):
+        assert (markers / f"{trained.version}-{SCORER}-{fold}.killed").exists()  # its first worker died
         history = json.loads((Path(trained.artifacts) / SCORER / fold / "history.json").read_text())
         events = [h for h in history if h.get("event") == "resumed"]
         assert events and events[0]["epoch"] == 1, history  # restarted after epoch 0's checkpoint
@@ -62,7 +64,7 @@ def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
 
 
 def test_best_folds_pick_each_models_best_validated_fold():
-    from lumbar_ray.training.cv import best_folds
+    from lumbar_ray.training.cv_metrics import best_folds
 
     det = pd.DataFrame({"detector": ["a", "a", "a", "b", "b", "b"], "fold": ["0", "1", "all"] * 2,
                         "within_5mm": [0.0, 0.39, 0.2, 0.9, 0.9, 0.9]})
@@ -74,7 +76,7 @@ def test_best_folds_pick_each_models_best_validated_fold():
 
 
 def test_detector_metrics_in_plane_and_in_patient_space():
-    from lumbar_ray.training.cv import detector_metrics
+    from lumbar_ray.training.cv_metrics import detector_metrics
 
     records = pd.DataFrame({
         "job": ["det"] * 4, "fold": [0, 0, 1, 1],

@@ -1,6 +1,7 @@
 """The detector's TorchTrainer worker loop: one YOLOv8 per series type, DDP over gloo (CPU) or
 NCCL (GPU), a checkpoint every epoch, resumable; on the last epoch rank 0 runs the detector over
-the whole series of its validation studies and records where each labelled target was found."""
+the whole series of its validation studies and records where each labelled target was found.
+The epochs themselves are :class:`~lumbar_ray.training.detector_fit.DetectorFit`'s, as in a local fit."""
 
 from __future__ import annotations
 
@@ -11,15 +12,106 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from lumbar_ray.config import DetectorConfig, series_type_of_job
+from lumbar_ray.dicom.errors import DicomReadError
+from lumbar_ray.dicom.read import load_descriptions, read_study
+from lumbar_ray.models import ultralytics_env
+from lumbar_ray.models.detector import DEFAULT_BOX_MM, build_detector, make_loss_fn, save_detector, unwrap_model
+from lumbar_ray.models.detector_inference import detect_series
+from lumbar_ray.models.target_selection import select_target_detections
+from lumbar_ray.targets import targets_for_series
+from lumbar_ray.training.artifacts import ALL_FOLDS, HISTORY_FILE, OOF_FILE, weights_file
+from lumbar_ray.training.detector_data import DetectorDataset, DetectorSample, collate_detector
+from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates
+from lumbar_ray.training.detector_fit import DetectorFit, make_optimizer, make_scheduler
+from lumbar_ray.training.examples import TrainingExamples
+from lumbar_ray.training.worker import (
+    is_rank_zero, load_resume_state, parquet_bytes, report_epoch, set_worker_threads, start_position,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _detector_bytes(model, **extra) -> bytes:
-    from lumbar_ray.models.detector import save_detector
+def detector_worker_loop(cfg: dict) -> None:
+    """Train the detector of job ``cfg["job"]`` on fold ``cfg["fold"]``'s labelled slices,
+    reporting every epoch with a checkpoint to resume from."""
+    ultralytics_env.configure()
+    set_worker_threads(cfg)
+    dc = DetectorConfig(**{**cfg["detector"], "series_types": tuple(cfg["detector"]["series_types"])})
+    job, fold = cfg["job"], cfg["fold"]
+    series_type = series_type_of_job(job)
+    examples: TrainingExamples = ray.get(cfg["examples_ref"][0])
+    train_samples, val_studies = fold_samples(examples.slices.get(series_type, []), cfg["folds"], fold)
+    if not train_samples:
+        raise ValueError(f"{job} fold {fold}: no labelled {series_type} slices to train on")
+    torch.manual_seed(cfg["seed"])
+    fit = start_worker_fit(train_samples, series_type, dc, cfg["seed"])
+    resumed = load_resume_state()
+    if resumed is not None:
+        fit.load_state_dict(resumed)
+    start_epoch, history = start_position(resumed)
+    for epoch in range(start_epoch, dc.epochs):
+        # BatchNorm is recalibrated on rank 0 only: its model is the one saved.
+        stats, last = fit.run_epoch(epoch, precise_bn=is_rank_zero())
+        metrics = {"epoch": epoch, "train_loss": stats["loss"], "images_per_s": stats["images_per_s"], "time": time.time()}
+        extra: dict[str, bytes] = {}
+        if last and is_rank_zero():
+            final = fit.final_model()
+            extra[weights_file(job)] = detector_bytes(final, fold=fold, epochs=dc.epochs)
+            if val_studies:
+                records, rates = validation_records(final, cfg["data"], cfg["split"], val_studies,
+                                                    examples.points, series_type, dc.conf, fit.device)
+                records["job"], records["fold"] = job, fold
+                extra[OOF_FILE] = parquet_bytes(records)
+                metrics.update({f"val_{k}": float(v) for k, v in rates.items()})
+        history.append(metrics)
+        extra[HISTORY_FILE] = json.dumps(history).encode()
+        report_epoch(metrics, {**fit.state_dict(), "epoch": epoch, "history": history}, extra)
 
+
+def fold_samples(samples: list[DetectorSample], fold_of: dict[int, int], fold: int) -> tuple[list[DetectorSample], list[int]]:
+    """The training slices of ``fold`` (the other folds' studies; every study's for
+    :data:`ALL_FOLDS`) and its validation studies."""
+    if fold == ALL_FOLDS:
+        return [s for s in samples if int(s.study_id) in fold_of], []
+    train = [s for s in samples if fold_of.get(int(s.study_id), fold) != fold]
+    return train, sorted({int(s) for s, f in fold_of.items() if f == fold})
+
+
+def start_worker_fit(train_samples: list[DetectorSample], series_type: str, dc: DetectorConfig, seed: int) -> DetectorFit:
+    """A :class:`DetectorFit` on this worker: the loader sharded and the model DDP-wrapped by
+    Ray Train, AdamW with warm-up and cosine decay over ``dc.epochs``, EMA weights, AMP on CUDA."""
+    # heavy: ultralytics, imported only once ultralytics_env has configured it
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    box_mm = dc.box_mm if dc.box_mm is not None else DEFAULT_BOX_MM[series_type]
+    dataset = DetectorDataset.from_samples(train_samples, series_type, imgsz=dc.imgsz, box_mm=box_mm, augment=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=dc.batch_size, shuffle=True,
+                                         drop_last=len(dataset) > dc.batch_size, collate_fn=collate_detector)
+    # Batches are dicts: train_one_epoch moves them; Ray only adds the distributed sampler.
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    model = build_detector(series_type, imgsz=dc.imgsz, box_mm=box_mm, seed=seed)
+    loss_fn = make_loss_fn(model)  # on the unwrapped model, before DDP wraps it
+    ema = ModelEMA(model)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = make_optimizer(unwrap_model(model), lr=dc.lr)
+    steps_per_epoch = max(1, len(loader))
+    scheduler = make_scheduler(optimizer, dc.epochs * steps_per_epoch, int(dc.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    ema.ema.to(device)
+    return DetectorFit(model, loss_fn, loader, optimizer, scheduler, device, dataset, dc.batch_size, dc.epochs,
+                       ema, scaler)
+
+
+def detector_bytes(model, **extra) -> bytes:
+    """The shipped weights file (:func:`~lumbar_ray.models.detector.save_detector`) as bytes."""
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "detector.pt")
         save_detector(model, path, **extra)
@@ -29,12 +121,6 @@ def _detector_bytes(model, **extra) -> bytes:
 def validation_records(model, root: str, split: str, study_ids, points: pd.DataFrame, series_type: str,
                        conf: float, device) -> tuple[pd.DataFrame, dict]:
     """Whole-series detection on validation studies -> one record per labelled target."""
-    from lumbar_ray.models.detector import HitRates, detect_series, detector_hit_rates, select_target_detections
-    from lumbar_ray.dicom.read import DicomReadError, read_study
-    from lumbar_ray.dicom.read import load_descriptions
-
-    from lumbar_ray.targets import targets_for_series
-
     descriptions = load_descriptions(root, split)
     own = points[points["target_index"].isin([t.index for t in targets_for_series(series_type)])]
     parts, records = [], []
@@ -60,98 +146,3 @@ def validation_records(model, root: str, split: str, study_ids, points: pd.DataF
                 records.append({"study_id": int(sid), "series_id": int(series_id), **rec})
     merged = HitRates.merge(parts)
     return pd.DataFrame(records), merged.as_dict()
-
-
-def detector_worker_loop(cfg: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from lumbar_ray.models import ultralytics_env
-
-    ultralytics_env.configure()
-    from ultralytics.utils.torch_utils import ModelEMA
-
-    from lumbar_ray.config import DetectorConfig, series_type_of_job
-    from lumbar_ray.models.detector import (
-        DEFAULT_BOX_MM, DetectorDataset, build_detector, collate_detector, make_loss_fn, make_optimizer,
-        make_scheduler, recalibrate_batchnorm, train_one_epoch, unwrap_model,
-    )
-    from lumbar_ray.training.cv import (
-        ALL_FOLDS, HISTORY_FILE, OOF_FILE, _load_resume_state, _maybe_inject_failure, _parquet_bytes,
-        _report_epoch, weights_file,
-    )
-
-    torch.set_num_threads(max(1, int(cfg["threads"])))
-    det_cfg = dict(cfg["detector"])
-    det_cfg["series_types"] = tuple(det_cfg["series_types"])
-    dc = DetectorConfig(**det_cfg)
-    job, fold = cfg["job"], cfg["fold"]
-    series_type = series_type_of_job(job)
-    box_mm = dc.box_mm if dc.box_mm is not None else DEFAULT_BOX_MM[series_type]
-    examples = ray.get(cfg["examples_ref"][0])
-    samples = examples.slices.get(series_type, [])
-    fold_of = cfg["folds"]
-    if fold == ALL_FOLDS:
-        train_samples = [s for s in samples if int(s.study_id) in fold_of]
-        val_studies: list[int] = []
-    else:
-        train_samples = [s for s in samples if fold_of.get(int(s.study_id), fold) != fold]
-        val_studies = sorted({int(s) for s, f in fold_of.items() if f == fold})
-    if not train_samples:
-        raise ValueError(f"{job} fold {fold}: no labelled {series_type} slices to train on")
-    torch.manual_seed(cfg["seed"])
-    dataset = DetectorDataset.from_samples(train_samples, series_type, imgsz=dc.imgsz, box_mm=box_mm, augment=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=dc.batch_size, shuffle=True,
-                                         drop_last=len(dataset) > dc.batch_size, collate_fn=collate_detector)
-    # Batches are dicts: train_one_epoch moves them; Ray only adds the distributed sampler.
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-    model = build_detector(series_type, imgsz=dc.imgsz, box_mm=box_mm, seed=cfg["seed"])
-    loss_fn = make_loss_fn(model)  # on the unwrapped model, before DDP wraps it
-    ema = ModelEMA(model)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    optimizer = make_optimizer(unwrap_model(model), lr=dc.lr)
-    steps_per_epoch = max(1, len(loader))
-    scheduler = make_scheduler(optimizer, dc.epochs * steps_per_epoch, int(dc.warmup_epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    start_epoch, history = 0, []
-    resumed = _load_resume_state()
-    if resumed is not None:
-        unwrap_model(model).load_state_dict(resumed["model"])
-        ema.ema.load_state_dict(resumed["ema"])
-        ema.updates = resumed["ema_updates"]
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        start_epoch, history = resumed["epoch"] + 1, resumed["history"]
-        history.append({"event": "resumed", "epoch": start_epoch, "time": time.time()})
-    ema.ema.to(device)
-    for epoch in range(start_epoch, dc.epochs):
-        _maybe_inject_failure(cfg, epoch)
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, loss_fn, device, scaler, scheduler=scheduler, ema=ema)
-        metrics = {"epoch": epoch, "train_loss": stats["loss"], "images_per_s": stats["images_per_s"], "time": time.time()}
-        extra: dict[str, bytes] = {}
-        if epoch == dc.epochs - 1 and ray.train.get_context().get_world_rank() == 0:
-            final = ema.ema
-            for attr in ("names", "args", "series_type", "imgsz", "box_mm"):
-                setattr(final, attr, getattr(unwrap_model(model), attr))
-            # The EMA weights' BatchNorm statistics lag behind; recompute them on un-augmented
-            # training images, or the saved model can detect nothing in eval mode.
-            plain = torch.utils.data.DataLoader(dataset.with_augment(False), batch_size=dc.batch_size,
-                                                shuffle=False, collate_fn=collate_detector)
-            recalibrate_batchnorm(final, plain, device)
-            extra[weights_file(job)] = _detector_bytes(final, fold=fold, epochs=dc.epochs)
-            if val_studies:
-                records, rates = validation_records(final, cfg["data"], cfg["split"], val_studies,
-                                                    examples.points, series_type, dc.conf, device)
-                records["job"], records["fold"] = job, fold
-                extra[OOF_FILE] = _parquet_bytes(records)
-                metrics.update({f"val_{k}": float(v) for k, v in rates.items()})
-        history.append(metrics)
-        extra[HISTORY_FILE] = json.dumps(history).encode()
-        _report_epoch(metrics, {"model": unwrap_model(model).state_dict(), "ema": ema.ema.state_dict(),
-                                "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history}, extra)

@@ -1,20 +1,24 @@
 """Training examples cut from labelled studies: scorer crops at the labelled points, and the
-labelled slices with their points for the detectors. Pure functions over one study; the Ray job
-maps them over studies in parallel."""
+labelled slices with their points for the detectors; one study at a time (pure), or every study
+in parallel Ray tasks, pooled for the trials."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import DetectorConfig, ScorerConfig
-from lumbar_ray.models.detector import DetectorSample, samples_from_series
-from lumbar_ray.dicom.read import DicomReadError, Series, read_study
-from lumbar_ray.models.deepscorenet import extract_crops
-from lumbar_ray.targets import TARGETS
+from lumbar_ray.config import ScorerConfig, TrainConfig
+from lumbar_ray.training.detector_data import DetectorSample, samples_from_series
+from lumbar_ray.dicom.errors import DicomReadError
+from lumbar_ray.dicom.read import load_descriptions, read_study
+from lumbar_ray.dicom.series import Series
+from lumbar_ray.models.crops import extract_crops
+from lumbar_ray.storage import ray_remote_args_with_storage_env
+from lumbar_ray.targets import SERIES_TYPES, TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ POINT_COLUMNS = ["study_id", "series_id", "instance_number", "condition", "level
 
 @dataclass
 class StudyExamples:
+    """One study's training examples."""
+
     study_id: int
     crops: np.ndarray  # (n, C, 32, 32) float32
     points: pd.DataFrame  # POINT_COLUMNS, row i <-> crops[i]
@@ -43,8 +49,8 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
                    with_slices: bool = True, negatives: int = 0, negative_gap: int | None = None) -> StudyExamples:
     """Crops (and detector slices) for one study's labelled points; ``negatives`` and
     ``negative_gap``: unlabelled slices per series for the detectors (see
-    :func:`lumbar_ray.models.detector.samples_from_series`; gap None: the series type's
-    :data:`lumbar_ray.models.detector.DEFAULT_NEGATIVE_GAP`).
+    :func:`lumbar_ray.training.detector_data.samples_from_series`; gap None: the series type's
+    :data:`lumbar_ray.training.detector_data.DEFAULT_NEGATIVE_GAP`).
 
     A point whose series or instance cannot be read is recorded in ``problems``, never dropped
     silently.
@@ -87,3 +93,49 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
     frame = pd.DataFrame([{c: getattr(r, c) for c in POINT_COLUMNS} for r in kept], columns=POINT_COLUMNS)
     all_crops = np.concatenate(crops) if crops else np.zeros((0, n_channels, 32, 32), np.float32)
     return StudyExamples(int(study_id), all_crops.astype(np.float32), frame, slices, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every study's examples, cut once by Ray tasks and shared by every trial through the object store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingExamples:
+    """Every study's training examples, pooled."""
+
+    crops: np.ndarray  # (N, C, 32, 32)
+    points: pd.DataFrame  # POINT_COLUMNS, row i <-> crops[i]
+    slices: dict  # series type -> list[DetectorSample]
+    problems: list[str]
+
+
+def _examples_for_studies(root: str, split: str, study_ids: list[int], points: pd.DataFrame, scorer_cfg: dict,
+                          with_slices: bool, negatives: int = 0, negative_gap: int | None = None) -> list[StudyExamples]:
+    descriptions = load_descriptions(root, split)
+    cfg = ScorerConfig(**scorer_cfg)
+    return [study_examples(root, sid, points[points["study_id"] == sid], cfg, split=split,
+                           descriptions=descriptions, with_slices=with_slices, negatives=negatives,
+                           negative_gap=negative_gap) for sid in study_ids]
+
+
+def prepare_examples(cfg: TrainConfig, points: pd.DataFrame, with_slices: bool) -> TrainingExamples:
+    """Cut crops and labelled slices from every study, in parallel Ray tasks."""
+    import ray  # heavy: ray; study_examples runs without it
+
+    study_ids = sorted(points["study_id"].unique().tolist())
+    n_chunks = max(1, min(len(study_ids), int(ray.cluster_resources().get("CPU", 1)) * 4))
+    chunks = [c.tolist() for c in np.array_split(np.array(study_ids), n_chunks) if len(c)]
+    task = ray.remote(**ray_remote_args_with_storage_env(num_cpus=1))(_examples_for_studies)
+    refs = [task.remote(cfg.data, cfg.split, chunk, points[points["study_id"].isin(chunk)],
+                        dataclasses.asdict(cfg.scorer), with_slices, cfg.detector.negatives,
+                        cfg.detector.negative_gap) for chunk in chunks]
+    per_study = [ex for part in ray.get(refs) for ex in part]
+    crops = [ex.crops for ex in per_study if len(ex.crops)]
+    frames = [ex.points for ex in per_study if len(ex.points)]
+    return TrainingExamples(
+        crops=np.concatenate(crops) if crops else np.zeros((0, 3, 32, 32), np.float32),
+        points=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+        slices={st: [s for ex in per_study for s in ex.slices.get(st, [])] for st in SERIES_TYPES},
+        problems=[p for ex in per_study for p in ex.problems],
+    )

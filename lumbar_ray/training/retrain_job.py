@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lumbar_ray.config import RetrainConfig
+from lumbar_ray.runtime import ray_session, run_job
 from lumbar_ray.training import job as train_job
 
 
@@ -15,15 +17,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 conflict_handler="resolve")
     p.add_argument("--registry", required=True, help="model registry (local dir or s3://…)")
     p.add_argument("--out", required=False, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--margin", type=float, default=0.005,
+    p.add_argument("--margin", type=float, default=RetrainConfig.margin,
                    help="promote only if the challenger's holdout RSNA score is lower by at least this")
-    p.add_argument("--holdout-fraction", type=float, default=0.2, help="share of studies held out (by hash of study id)")
+    p.add_argument("--holdout-fraction", type=float, default=RetrainConfig.holdout_fraction,
+                   help="share of studies held out (by hash of study id)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from lumbar_ray.training.retrain import RetrainConfig, run_retrain
-    from lumbar_ray.runtime import ray_session
+    # heavy: the models, the data readers and Ray Train; `lumbar-ray retrain --help` stays fast
+    from lumbar_ray.training.retrain import run_retrain
 
     args.out = args.registry
     cfg = RetrainConfig(train=train_job.config_from_args(args), margin=args.margin,
@@ -35,8 +38,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from lumbar_ray.runtime import run_job
-
     return run_job(get_args_parser, main, argv)
 
 

@@ -1,0 +1,79 @@
+"""What every TorchTrainer worker loop shares: its train/validation split, resuming from the
+trial's last checkpoint, and reporting an epoch with its checkpoint files."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from lumbar_ray.training.artifacts import ALL_FOLDS, STATE_FILE
+
+
+def set_worker_threads(cfg: dict) -> None:
+    """Torch's intra-op threads: as many as the worker's CPUs."""
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+
+
+def split_indices(study_ids: np.ndarray, folds: dict[int, int], fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation) of ``fold``: validation is the fold's studies, training
+    the other folds' (every fold's for :data:`ALL_FOLDS`); studies without a fold are in neither."""
+    study_fold = np.array([folds.get(int(s), -2) for s in study_ids])
+    if fold == ALL_FOLDS:
+        return np.flatnonzero(study_fold >= 0), np.zeros(0, dtype=np.int64)
+    return np.flatnonzero((study_fold >= 0) & (study_fold != fold)), np.flatnonzero(study_fold == fold)
+
+
+def load_resume_state() -> dict | None:
+    """The state saved with the trial's last reported checkpoint, or None on a first attempt."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def start_position(resumed: dict | None) -> tuple[int, list[dict]]:
+    """The first epoch to train and the history so far: (0, []) on a first attempt, else the
+    epoch after the checkpoint's, with a ``resumed`` event appended to its history."""
+    if resumed is None:
+        return 0, []
+    start_epoch, history = resumed["epoch"] + 1, resumed["history"]
+    history.append({"event": "resumed", "epoch": start_epoch, "time": time.time()})
+    return start_epoch, history
+
+
+def is_rank_zero() -> bool:
+    return ray.train.get_context().get_world_rank() == 0
+
+
+def report_epoch(metrics: dict, state: dict, extra_files: dict[str, bytes] | None = None) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint: ``state`` (model, optimizer, epoch,
+    history) as :data:`STATE_FILE` and ``extra_files`` (name -> bytes) next to it."""
+    # node and device recorded with every epoch: where a trial ran is part of its record.
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id(),
+               "device": str(ray.train.torch.get_device())}
+    if not is_rank_zero():
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, os.path.join(directory, STATE_FILE))
+        for name, data in (extra_files or {}).items():
+            Path(directory, name).write_bytes(data)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    """A frame as the bytes of a parquet file (a checkpoint file)."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
