@@ -1,4 +1,4 @@
-"""`lumbar-ray` command line: one sub-command per stage. Heavy imports happen inside commands."""
+"""`lumbar-ray` command line: one sub-command per stage."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+# Each command imports what it runs inside its own body, never here: `lumbar-ray --help` (and
+# every command's --help) then loads only typer, not torch, Ray, pydicom or pyarrow.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -32,6 +35,7 @@ def synth(
     """Write synthetic RSNA-layout studies whose anatomy shows their labels."""
     _logging(verbose)
     from lumbar_ray.synth import writer as synth_mod
+    from lumbar_ray.synth.contact_sheet import write_contact_sheet
 
     if split not in ("train", "test"):
         raise typer.BadParameter("split must be 'train' or 'test'")
@@ -41,7 +45,7 @@ def synth(
                f"{summary.n_coordinates} labelled points) to {out} in {summary.seconds:.1f} s")
     if contact_sheet is not None:
         study_ids = synth_mod.study_ids_of(summary)
-        png = synth_mod.write_contact_sheet(out, study_ids[0], contact_sheet, split=split)
+        png = write_contact_sheet(out, study_ids[0], contact_sheet, split=split)
         typer.echo(f"contact sheet: {png}")
 
 
@@ -53,9 +57,9 @@ def contact_sheet_cmd(
     split: str = "train",
 ) -> None:
     """Draw a study's three series with its labelled points (PNG)."""
-    from lumbar_ray.synth import writer as synth_mod
+    from lumbar_ray.synth.contact_sheet import write_contact_sheet
 
-    typer.echo(str(synth_mod.write_contact_sheet(data, study, to, split=split)))
+    typer.echo(str(write_contact_sheet(data, study, to, split=split)))
 
 
 @app.command()
@@ -123,7 +127,7 @@ def champion(
 ) -> None:
     """Show the champion, the versions and the recorded decisions; --set pins or rolls back."""
     from lumbar_ray.models.registry import ModelRegistry
-    from lumbar_ray.training.retrain import decisions
+    from lumbar_ray.training.promotion import decisions
 
     reg = ModelRegistry(registry)
     if set_version:
@@ -141,7 +145,7 @@ def export_kaggle_cmd(
     model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
 ) -> None:
     """Write the exact Kaggle submission: row_id,normal_mild,moderate,severe; 25 rows a study."""
-    from lumbar_ray.outputs.store import export_kaggle
+    from lumbar_ray.outputs.kaggle import export_kaggle
 
     frame = export_kaggle(scores, str(to), model_version=model_version)
     typer.echo(f"wrote {len(frame)} rows ({len(frame) // 25} studies) to {to}")
@@ -154,7 +158,7 @@ def query(
     csv: bool = typer.Option(False, help="Print CSV instead of a table."),
 ) -> None:
     """Run SQL (DuckDB) over the scoring outputs."""
-    from lumbar_ray.outputs.store import query as run_query
+    from lumbar_ray.outputs.query import query as run_query
 
     frame = run_query(scores, sql)
     typer.echo(frame.to_csv(index=False) if csv else frame.to_string(index=False))
@@ -179,7 +183,7 @@ def evaluate(
         return
     if not (scores and labels):
         raise typer.BadParameter("give --scores and --labels, or --models")
-    from lumbar_ray.outputs.store import evaluate_scores
+    from lumbar_ray.outputs.evaluation import evaluate_scores
 
     _, text = evaluate_scores(scores, labels, model_version=model_version)
     typer.echo(text)

@@ -1,5 +1,5 @@
-"""Typed configuration shared by the jobs. The same config runs on a laptop's CPUs or on GPUs:
-only :class:`ResourceConfig` changes."""
+"""Typed configuration of the jobs (training, retraining, scoring). The same config runs on a
+laptop's CPUs or on GPUs: only the resource settings change."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def detector_job(series_type: str) -> str:
 
 
 def series_type_of_job(job: str) -> str:
+    """The series type of a detector job name (the inverse of :func:`detector_job`)."""
     for series_type in SERIES_TYPES:
         if detector_job(series_type) == job:
             return series_type
@@ -35,9 +36,9 @@ class ScorerConfig:
     focal_gamma: float = 3.0
     # "repeat": one gray slice repeated in 3 channels (the paper); "adjacent": slices k-1, k, k+1.
     channels: str = "repeat"
-    # Crop side in millimetres (resampled to 32 px); None = 32 pixels as in the paper. 32 mm
-    # measured better than 32 px on 200 synthetic studies (RSNA score 0.452 vs 0.559 out of
-    # sample, docs/RESULTS.md), where 32 px span 40-70 mm depending on the pixel spacing.
+    # Crop side in millimetres (resampled to 32 px); None = 32 pixels as in the paper. In pixels
+    # a crop spans 40-70 mm depending on the pixel spacing; a fixed size in mm scored better
+    # (docs/RESULTS.md).
     crop_mm: float | None = 32.0
     max_oversample: float = 4.0
 
@@ -57,8 +58,8 @@ class DetectorConfig:
     # steps of a small set: the loss jumped after it and one CV fold never recovered.
     warmup_epochs: float = 3.0
     # Unlabelled slices per labelled series trained on as negatives (no boxes), the ones
-    # `negative_gap` slices from a labelled one first (see detector.samples_from_series;
-    # None: detector.DEFAULT_NEGATIVE_GAP of the series type).
+    # `negative_gap` slices from a labelled one first (see detector_data.samples_from_series;
+    # None: detector_data.DEFAULT_NEGATIVE_GAP of the series type).
     negatives: int = 2
     negative_gap: int | None = None
 
@@ -92,10 +93,6 @@ class TrainConfig:
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     # Studies never trained on (e.g. the retrain holdout).
     exclude_studies: tuple[int, ...] = ()
-    # Fault injection for tests: the first attempt of a trial's worker dies at this epoch
-    # (only the trials of inject_failure_job when that is set).
-    inject_failure_at_epoch: int | None = None
-    inject_failure_job: str | None = None
 
     def jobs(self) -> list[str]:
         unknown = set(self.models) - set(MODEL_FAMILIES)
@@ -123,3 +120,57 @@ class TrainConfig:
         raw["models"] = tuple(raw.get("models", MODEL_FAMILIES))
         raw["exclude_studies"] = tuple(raw.get("exclude_studies", ()))
         return cls(**raw)
+
+
+# Salt of the hash that puts a study in the retrain holdout (training/retrain.is_holdout).
+HOLDOUT_SALT = "lumbar-ray-holdout"
+
+
+@dataclass
+class RetrainConfig:
+    train: TrainConfig  # its .registry is the registry; its .data the labelled data
+    margin: float = 0.005  # challenger must be better (lower RSNA score) by at least this much
+    holdout_fraction: float = 0.2
+    holdout_salt: str = HOLDOUT_SALT
+
+
+@dataclass
+class ScoreConfig:
+    input: str  # data root (local or s3://)
+    models: str  # REGISTRY[@version]
+    out: str  # output root (local or s3://)
+    split: str = "test"
+    run_id: str | None = None
+    # Resources: the same code on a laptop's CPUs or on GPUs.
+    # Half a CPU per read task: on a small machine a read then fits beside one detector actor
+    # (1 CPU) and one scorer (0.5) and overlaps with detection, instead of being fused into the
+    # detector actor (slower), as Ray Data does when both ask for the same resources. On a GPU
+    # node, where decode tasks would crowd the detector actors' host work, give them a whole CPU
+    # (--read-cpus 1).
+    read_cpus: float = 0.5
+    # Studies per read task (each still its own row downstream): a read task costs Ray a
+    # scheduling round trip that on busy cores takes longer than reading one small study, and
+    # one-study tasks left the detector actor waiting for input.
+    read_batch_studies: int = 4
+    detector_pool: int = 1
+    detector_gpus: float = 0.0
+    detector_cpus: float = 1.0
+    detector_batch_studies: int = 1
+    scorer_pool: int = 1
+    scorer_gpus: float = 0.0
+    scorer_cpus: float = 0.5
+    scorer_batch_studies: int = 16
+    slice_batch: int = 32  # slices per detector forward pass
+    flush_studies: int = 16  # studies per written part file
+    # Object-store memory the run may fill with blocks between stages (MiB; 0 = Ray Data's own
+    # budget, a share of the object store). On a node with many CPUs the read tasks outrun the
+    # detector actors, and under Ray Data's default budget (~15 % of RAM) the backlog of decoded
+    # studies (~50 MB each at full size) grows with the number of studies; a fixed cap bounds it.
+    buffer_mb: float = 4096.0
+    limit: int | None = None
+    retry_errors: bool = False
+    # Seconds to wait while another run holds the output (0: refuse at once): a retry on a fresh
+    # cluster after the old one died finds the dead run's lock until its heartbeat goes stale
+    # (5 min); cluster/kuberay/rayjob-score.yaml waits for that instead of failing the retry.
+    lock_wait_s: float = 0.0
+    study_ids: list[str] | None = None  # score only these

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
     """Join the cluster at ``address`` (or $RAY_ADDRESS: what `ray job submit` sets), else start a
     local runtime sized by ``num_cpus``/``num_gpus``. Shuts down only a runtime it started."""
-    import ray
+    import ray  # heavy; run_job, and so every job's --help, does without it
 
     if ray.is_initialized():
         yield

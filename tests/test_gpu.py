@@ -21,7 +21,8 @@ def test_gpu_training_then_gpu_pipeline_equals_in_process_loop(synthetic_root, t
     from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
     from lumbar_ray.dicom.read import list_studies
     from lumbar_ray.outputs.store import read_predictions
-    from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
+    from lumbar_ray.config import ScoreConfig
+    from lumbar_ray.scoring.pipeline import run_scoring
     from lumbar_ray.models.registry import ModelRegistry
     from lumbar_ray.runtime import ray_session
     from lumbar_ray.scoring.study import ModelBundle, score_in_process

@@ -3,8 +3,9 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 
-from lumbar_ray.scoring.pipeline import pack_volumes
+from lumbar_ray.scoring.pipeline import PartFiles, StudyItem, pack_volumes, read_study_row
 
 
 def test_pack_volumes_is_lossless_or_leaves_the_volume_alone():
@@ -30,7 +31,8 @@ def test_pack_volumes_is_lossless_or_leaves_the_volume_alone():
 def test_score_job_and_bench_share_the_resource_flags():
     from lumbar_ray.bench import scoring as bench
     from lumbar_ray.scoring import job as score_job
-    from lumbar_ray.scoring.pipeline import RESOURCE_FIELDS, ScoreConfig
+    from lumbar_ray.config import ScoreConfig
+    from lumbar_ray.scoring.args import RESOURCE_FIELDS
 
     flags = ["--read-cpus", "0.25", "--read-batch-studies", "2", "--detector-pool", "3", "--detector-cpus", "2",
              "--detector-gpus", "0.5", "--detector-batch-studies", "2", "--scorer-pool", "2", "--scorer-cpus", "1",
@@ -43,13 +45,39 @@ def test_score_job_and_bench_share_the_resource_flags():
     cfg = score_job.config_from_args(score_job.get_args_parser().parse_args(
         ["--input", "in", "--models", "reg", "--out", "out", *flags]))
     assert {k: getattr(cfg, k) for k in expected} == expected
-    assert bench._score_kwargs(bench.get_args_parser().parse_args(flags), "in", "reg") == \
+    assert bench.score_kwargs(bench.get_args_parser().parse_args(flags), "in", "reg") == \
         dict(input="in", models="reg", split="test", **expected)
     # unset GPU flags: the bench decides them from --num-gpus, the job keeps ScoreConfig's
     defaults = ScoreConfig(input="", models="", out="")
-    on_gpu = bench._score_kwargs(bench.get_args_parser().parse_args(["--num-gpus", "1"]), "in", "reg")
+    on_gpu = bench.score_kwargs(bench.get_args_parser().parse_args(["--num-gpus", "1"]), "in", "reg")
     assert (on_gpu["detector_pool"], on_gpu["detector_gpus"], on_gpu["scorer_gpus"]) == (1, 0.75, 0.25)
-    on_cpu = bench._score_kwargs(bench.get_args_parser().parse_args([]), "in", "reg")
+    on_cpu = bench.score_kwargs(bench.get_args_parser().parse_args([]), "in", "reg")
     assert (on_cpu["detector_gpus"], on_cpu["scorer_gpus"], on_cpu["read_cpus"]) == (0.0, 0.0, defaults.read_cpus)
     job = score_job.config_from_args(score_job.get_args_parser().parse_args(["--input", "i", "--models", "m", "--out", "o"]))
     assert {k: getattr(job, k) for k in RESOURCE_FIELDS} == {k: getattr(defaults, k) for k in RESOURCE_FIELDS}
+
+
+def test_a_study_that_cannot_be_read_becomes_an_error_row(tmp_path):
+    row = read_study_row({"study_id": 42}, str(tmp_path), "test", None)
+    item = row["item"]
+    assert row["study_id"] == "42" and item.study is None
+    assert item.error["study_id"] == "42" and item.error["stage"] == "read" and item.error["series_id"] is None
+
+
+def test_part_files_count_studies_and_write_them_in_one_part_per_flush():
+    written, checks = [], []
+    writer = SimpleNamespace(write=lambda preds, errs: written.append((preds, errs)))
+    lock = SimpleNamespace(check=lambda: checks.append(True))
+    parts = PartFiles(writer, lock)
+    rows = pd.DataFrame({"x": range(25)})
+    problem = pd.DataFrame({"stage": ["read"]})
+    parts.add(StudyItem("1", predictions=rows, errors=problem.iloc[:0]))
+    parts.add(StudyItem("2", predictions=rows, errors=problem))  # scored, with a recorded problem
+    parts.add(StudyItem("3", errors=problem))  # failed as a whole
+    assert (parts.n_scored, parts.n_with_errors, parts.n_failed, parts.rows, parts.pending) == (2, 1, 1, 50, 3)
+    parts.flush()
+    parts.flush()  # nothing pending: no empty part file, no lock check
+    assert len(written) == 1 and len(checks) == 1
+    preds, errs = written[0]
+    assert len(preds) == 50 and len(errs) == 2
+    assert parts.pending == 0 and not parts.predictions and not parts.errors

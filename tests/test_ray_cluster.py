@@ -107,7 +107,7 @@ def test_ray_job_submit_scores_every_test_study_then_head_is_gone(job_scores, sy
     assert not list(package.rglob("*.parquet")) and not list(package.rglob("*.egg-info"))
     # Python compiled the package it imported next to the source it imported it from: the job
     # ran the uploaded copy of lumbar_ray (working_dir on sys.path), not the checkout it came from.
-    assert list((package / "lumbar_ray" / "__pycache__").glob("score_job.*.pyc")), "job did not import the uploaded copy"
+    assert list((package / "lumbar_ray" / "scoring" / "__pycache__").glob("job.*.pyc")), "job did not import the uploaded copy"
     # The unpacked upload, less the bytecode the job wrote into it: a few MiB of code and docs.
     code = sum(p.stat().st_size for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert code < 20 * 2**20, f"working_dir upload is {code / 2**20:.1f} MiB"
@@ -169,7 +169,8 @@ def _actor_nodes(class_part: str) -> list[str]:
 
 def test_two_node_scoring_uses_both_nodes_and_equals_single_node(two_node_cluster, job_scores, synthetic_root,
                                                                    trained, tmp_path):
-    from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
+    from lumbar_ray.config import ScoreConfig
+    from lumbar_ray.scoring.pipeline import run_scoring
 
     ids = _test_ids(synthetic_root)
     # Sizes that leave the scheduler one choice: a detector actor takes 0.6 CPU, so two never fit

@@ -5,14 +5,8 @@ import threading
 import pytest
 
 from lumbar_ray.models.registry import ModelRegistry
-from lumbar_ray.training.retrain import (
-    PromotionLock,
-    PromotionLockBusy,
-    decisions,
-    holdout_studies,
-    is_holdout,
-    promote_if_unchanged,
-)
+from lumbar_ray.training.promotion import PromotionLock, PromotionLockBusy, decisions, promote_if_unchanged
+from lumbar_ray.training.retrain import holdout_studies, is_holdout
 
 
 def _registry_with_versions(root, *versions):
@@ -90,7 +84,8 @@ def test_retrain_that_is_not_better_leaves_the_champion(ray_runtime, synthetic_r
 
     from lumbar_ray.config import DetectorConfig, ScorerConfig, TrainConfig
     from lumbar_ray.dicom.read import list_studies
-    from lumbar_ray.training.retrain import RetrainConfig, run_retrain
+    from lumbar_ray.config import RetrainConfig
+    from lumbar_ray.training.retrain import run_retrain
 
     registry_root = tmp_path / "registry"
     shutil.copytree(trained.registry, registry_root)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from lumbar_ray import storage
-from lumbar_ray.dicom.read import StudyNotFoundError, list_studies, read_series, read_study
+from lumbar_ray.dicom.errors import StudyNotFoundError
+from lumbar_ray.dicom.read import list_studies, read_series, read_study
 from lumbar_ray.dicom.write import uid_for, write_mr_series
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lumbar_ray.outputs.store import part_paths, read_errors, read_predictions
-from lumbar_ray.scoring.pipeline import ScoreConfig, run_scoring
+from lumbar_ray.config import ScoreConfig
+from lumbar_ray.scoring.pipeline import run_scoring
 from lumbar_ray.targets import TARGETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

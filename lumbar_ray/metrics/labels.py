@@ -16,22 +16,14 @@ class LabelFileError(ValueError):
     """A label file is missing columns or holds values outside the Kaggle spellings."""
 
 
-def _read_csv(path: str) -> pd.DataFrame:
-    return storage.read_csv(path)
-
-
-def join(root: str, name: str) -> str:
-    return storage.join(root, name)
-
-
 def read_labels(root: str) -> pd.DataFrame:
     """Long-form labels (study_id, column, label, target_index) from ``{root}/train.csv``;
     label -1 marks a missing label."""
-    wide = _read_csv(join(root, "train.csv"))
+    wide = storage.read_csv(storage.join(root, "train.csv"))
     try:
         long = long_labels(wide)
     except ValueError as exc:
-        raise LabelFileError(f"{join(root, 'train.csv')}: {exc}") from exc
+        raise LabelFileError(f"{storage.join(root, 'train.csv')}: {exc}") from exc
     long["study_id"] = long["study_id"].astype(np.int64)
     long["target_index"] = long["column"].map({t.column: t.index for t in TARGETS}).astype(np.int64)
     return long
@@ -39,7 +31,7 @@ def read_labels(root: str) -> pd.DataFrame:
 
 def read_coordinates(root: str) -> pd.DataFrame:
     """``train_label_coordinates.csv`` with a ``column`` (target) added; unknown rows refused."""
-    coords = _read_csv(join(root, "train_label_coordinates.csv"))
+    coords = storage.read_csv(storage.join(root, "train_label_coordinates.csv"))
     missing = [c for c in COORDINATE_COLUMNS if c not in coords.columns]
     if missing:
         raise LabelFileError(f"train_label_coordinates.csv lacks columns {missing}")

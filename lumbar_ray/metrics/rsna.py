@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from lumbar_ray import storage
 from lumbar_ray.targets import (
     FAMILIES,
     PROBABILITY_COLUMNS,
@@ -249,6 +249,8 @@ def predicted_class(frame: pd.DataFrame) -> np.ndarray:
 def confusion_matrices(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """{family | 'all': 3x3 counts}, rows = true class, columns = predicted (argmax); labelled
     rows only."""
+    from sklearn.metrics import confusion_matrix  # heavy (~1 s); only the classification reports need it
+
     pred = predicted_class(frame)
     y = frame["label"].to_numpy(dtype=np.int64)
     ids = list(range(len(PROBS)))
@@ -260,6 +262,8 @@ def classification_report_frame(frame: pd.DataFrame) -> pd.DataFrame:
     n, accuracy, balanced_accuracy (mean recall over the classes present), macro_f1, and per
     class ``precision_/recall_/f1_/support_{normal_mild,moderate,severe}`` (argmax
     predictions; precision of a never-predicted class is 0)."""
+    from sklearn.metrics import precision_recall_fscore_support  # heavy (~1 s); only the reports need it
+
     _check_predictions(frame)
     pred = predicted_class(frame)
     y = frame["label"].to_numpy(dtype=np.int64)
@@ -289,6 +293,7 @@ def classification_report_frame(frame: pd.DataFrame) -> pd.DataFrame:
 def plot_confusion_matrices(frame_or_matrices: pd.DataFrame | Mapping[str, np.ndarray], out_png: str, title: str | None = None) -> str:
     """One panel per group: counts and row-normalised recall; written as PNG to ``out_png``
     (local path or fsspec URL). Uses matplotlib's Agg canvas without touching pyplot state."""
+    # heavy: matplotlib, for this one figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -322,19 +327,8 @@ def plot_confusion_matrices(frame_or_matrices: pd.DataFrame | Mapping[str, np.nd
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _write_bytes(out_png, buf.getvalue())
+    storage.write_bytes(out_png, buf.getvalue())
     return out_png
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    import fsspec
-
-    fs, _, (p,) = fsspec.get_fs_token_paths(str(path))
-    parent = p.rsplit("/", 1)[0] if "/" in p else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(p, "wb") as f:
-        f.write(data)
 
 
 # --------------------------------------------------------------------------------------------

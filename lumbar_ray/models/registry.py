@@ -94,15 +94,16 @@ class ModelRegistry:
         self._root = self._root.rstrip("/")
 
     # --- paths -------------------------------------------------------------------------------
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """A path under the registry root, as the registry's filesystem spells it (see :meth:`url`)."""
         return "/".join([self._root, *parts])
 
     def version_path(self, version: str, *parts: str) -> str:
-        return self._path("versions", version, *parts)
+        return self.path("versions", version, *parts)
 
     def url(self, *parts: str) -> str:
         """A path users can pass back to fsspec (keeps the protocol)."""
-        return storage.to_url(self.fs, self._path(*parts))
+        return storage.to_url(self.fs, self.path(*parts))
 
     # --- writing -----------------------------------------------------------------------------
     def _write_atomic(self, path: str, data: bytes) -> None:
@@ -146,7 +147,7 @@ class ModelRegistry:
 
     # --- reading -----------------------------------------------------------------------------
     def versions(self) -> list[str]:
-        base = self._path("versions")
+        base = self.path("versions")
         if not self.fs.exists(base):
             return []
         found = []
@@ -205,7 +206,7 @@ class ModelRegistry:
 
     # --- champion pointer --------------------------------------------------------------------
     def champion(self) -> dict[str, Any] | None:
-        path = self._path(CHAMPION)
+        path = self.path(CHAMPION)
         if not self.fs.exists(path):
             return None
         return self.read_json(path)
@@ -217,5 +218,5 @@ class ModelRegistry:
             "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "reason": reason,
         }
-        self.write_json(self._path(CHAMPION), pointer)
+        self.write_json(self.path(CHAMPION), pointer)
         return pointer

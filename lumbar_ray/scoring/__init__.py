@@ -1,1 +1,1 @@
-"""Scoring: per-study inference, the Ray Data pipeline, the output lock, the scoring job."""
+"""Scoring: per-study inference, the Ray Data pipeline and its resource flags, the output lock, the scoring job."""

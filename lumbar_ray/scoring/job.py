@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lumbar_ray.scoring.pipeline import ScoreConfig, add_resource_args, resource_kwargs
+from lumbar_ray.config import ScoreConfig
+from lumbar_ray.runtime import ray_session, run_job
+from lumbar_ray.scoring.args import add_resource_args, resource_kwargs
+from lumbar_ray.scoring.output_lock import OutputBusy
 
 EXIT_OUTPUT_BUSY = 3  # another scoring run holds --out (its id, host and pid are printed)
 
@@ -36,9 +39,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lumbar_ray.scoring.output_lock import OutputBusy
-    from lumbar_ray.scoring.pipeline import run_scoring
-    from lumbar_ray.runtime import ray_session
+    from lumbar_ray.scoring.pipeline import run_scoring  # heavy: Ray Data; `lumbar-ray score --help` stays fast
 
     cfg = config_from_args(args)
     try:
@@ -53,8 +54,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from lumbar_ray.runtime import run_job
-
     return run_job(get_args_parser, main, argv)
 
 

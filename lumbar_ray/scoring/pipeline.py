@@ -9,99 +9,34 @@ study already in the output for that model version.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import ray
 
-from lumbar_ray.scoring import study as scoring
+from lumbar_ray.config import ScoreConfig
+from lumbar_ray.dicom.read import list_studies, load_descriptions, read_study
+from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
+from lumbar_ray.outputs.store import OutputWriter, scored_studies
 from lumbar_ray.scoring.output_lock import OutputLock
+from lumbar_ray.scoring.study import (
+    ModelBundle,
+    detect_study,
+    error_frame,
+    error_row,
+    grade_crops,
+    require_readable,
+    study_rows,
+)
+from lumbar_ray.storage import ray_remote_args_with_storage_env
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoreConfig:
-    input: str  # data root (local or s3://)
-    models: str  # REGISTRY[@version]
-    out: str  # output root (local or s3://)
-    split: str = "test"
-    run_id: str | None = None
-    # Resources: the same code on a laptop's CPUs or on GPUs.
-    # Half a CPU per read task: on a small machine a read then fits beside one detector actor
-    # (1 CPU) and one scorer (0.5) and overlaps with detection, instead of being fused into the
-    # detector actor as Ray Data does when both ask for the same resources (`make bench`, 2 cores,
-    # 80 studies, 3 rounds each: 16.2-16.4 s vs 17.5-17.8 s fused). On a GPU node, where decode
-    # tasks would crowd the detector actors' host work, give them a whole CPU (--read-cpus 1).
-    read_cpus: float = 0.5
-    # Studies per read task (each still its own row downstream). Why: a read task costs Ray a
-    # scheduling round trip that, on 2 busy cores, took longer than reading one small study
-    # (80 one-study tasks: reads delivered 6.4 studies/s and kept the detector actor waiting;
-    # 20 four-study tasks: 10.8 studies/s, run 16.2 -> 14.3 s).
-    read_batch_studies: int = 4
-    detector_pool: int = 1
-    detector_gpus: float = 0.0
-    detector_cpus: float = 1.0
-    detector_batch_studies: int = 1
-    scorer_pool: int = 1
-    scorer_gpus: float = 0.0
-    scorer_cpus: float = 0.5
-    scorer_batch_studies: int = 16
-    slice_batch: int = 32  # slices per detector forward pass
-    flush_studies: int = 16  # studies per written part file
-    # Object-store memory the run may fill with blocks between stages (MiB; 0 = Ray Data's own
-    # budget, a share of the object store). Why: on a node with many CPUs the read tasks outrun
-    # the detector actors, and Ray Data's default budget (~15 % of RAM) lets the backlog of decoded
-    # studies (~50 MB each at full size) grow with the number of studies (`make bench` on a 16-CPU
-    # GPU node: peak summed RSS 9.2 GB at 20 studies, 15.6 GB at 100). A fixed cap bounds it.
-    buffer_mb: float = 4096.0
-    limit: int | None = None
-    retry_errors: bool = False
-    # Seconds to wait while another run holds the output (0: refuse at once). Why: a retry on a
-    # fresh cluster after the old one died finds the dead run's lock until its heartbeat goes
-    # stale (5 min); cluster/kuberay/rayjob-score.yaml waits for that instead of failing the retry.
-    lock_wait_s: float = 0.0
-    study_ids: list[str] | None = None  # score only these
-
-
-# The pipeline's resource settings: one flag each, shared by `lumbar-ray score` / jobs/score.py
-# and `make bench` (add_resource_args), so that the two cannot drift apart.
-_RESOURCE_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("read_cpus", float, "CPUs per read/decode task"),
-    ("read_batch_studies", int, "studies per read task"),
-    ("detector_pool", int, "detector actors"),
-    ("detector_cpus", float, "CPUs per detector actor"),
-    ("detector_gpus", float, "GPUs per detector actor (0 = CPU)"),
-    ("detector_batch_studies", int, "studies per detector call"),
-    ("scorer_pool", int, "DeepScoreNet actors"),
-    ("scorer_cpus", float, "CPUs per DeepScoreNet actor"),
-    ("scorer_gpus", float, "GPUs per DeepScoreNet actor (0 = CPU)"),
-    ("scorer_batch_studies", int, "studies per DeepScoreNet call (their crops in one pass)"),
-    ("slice_batch", int, "slices per detector forward pass"),
-    ("flush_studies", int, "studies per Parquet part file"),
-    ("buffer_mb", float, "object-store MiB for blocks between stages (0 = Ray Data's default share)"),
-)
-RESOURCE_FIELDS = tuple(name for name, _, _ in _RESOURCE_FLAGS)
-
-
-def add_resource_args(parser, defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None) -> None:
-    """Add ``--read-cpus`` … ``--buffer-mb`` to an argparse parser or group; defaults are
-    ScoreConfig's unless ``defaults`` overrides them (e.g. None = decided later from --num-gpus)."""
-    base = ScoreConfig(input="", models="", out="")
-    defaults, helps = dict(defaults or {}), dict(helps or {})
-    for name, kind, text in _RESOURCE_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults.get(name, getattr(base, name)),
-                            help=helps.get(name, text))
-
-
-def resource_kwargs(args) -> dict[str, Any]:
-    """The resource settings of parsed arguments, as ScoreConfig keyword arguments."""
-    return {name: getattr(args, name) for name in RESOURCE_FIELDS}
 
 
 @dataclass
@@ -110,8 +45,8 @@ class StudyItem:
     None (Arrow would turn a missing object into NaN): each field may be None instead."""
 
     study_id: str
-    study: Any = None  # dicom_io.Study after reading
-    detected: Any = None  # scoring.DetectedStudy after detection
+    study: Any = None  # dicom.read.Study after reading
+    detected: Any = None  # study.DetectedStudy after detection
     error: dict | None = None  # an errors-table row when the study failed as a whole
     predictions: pd.DataFrame | None = None  # the 25 rows after grading
     errors: pd.DataFrame | None = None  # the errors-table rows after grading
@@ -138,24 +73,22 @@ def pack_volumes(study) -> Any:
     return study
 
 
-def _read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
-    from lumbar_ray.dicom.read import read_study
-
+def read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
+    """A read task over one study: its row, with a StudyItem holding the study or its error."""
     study_id = str(row["study_id"])
     try:
         study = read_study(root, study_id, split=split, descriptions=descriptions)
-        scoring.require_readable(study)
+        require_readable(study)
         item = StudyItem(study_id, study=pack_volumes(study))
     except Exception as exc:  # recorded, never raised: one bad study must not stop the job
-        item = StudyItem(study_id, error={"study_id": study_id, "series_id": None, "stage": "read",
-                                          "error_type": type(exc).__name__, "message": str(exc)[:1000]})
+        item = StudyItem(study_id, error=error_row(study_id, "read", exc))
     return {"study_id": study_id, "item": item}
 
 
-def _read_study_rows(batch: dict[str, np.ndarray], root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
+def read_study_rows(batch: dict[str, np.ndarray], root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
     """A read task over several studies: one row (and one StudyItem) per study, as above."""
-    rows = [_read_study_row({"study_id": s}, root, split, descriptions) for s in batch["study_id"]]
-    return {"study_id": np.array([r["study_id"] for r in rows]), "item": _objects([r["item"] for r in rows])}
+    rows = [read_study_row({"study_id": s}, root, split, descriptions) for s in batch["study_id"]]
+    return {"study_id": np.array([r["study_id"] for r in rows]), "item": object_array([r["item"] for r in rows])}
 
 
 class DetectStage:
@@ -163,7 +96,7 @@ class DetectStage:
     batched passes."""
 
     def __init__(self, models: str, slice_batch: int = 32):
-        self.bundle = scoring.ModelBundle.from_registry(models, parts=("detectors",))
+        self.bundle = ModelBundle.from_registry(models, parts=("detectors",))
         self.slice_batch = slice_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -171,13 +104,12 @@ class DetectStage:
         for item in batch["item"]:
             if item.study is not None:
                 try:
-                    item.detected = scoring.detect_study(self.bundle, item.study, batch_size=self.slice_batch)
+                    item.detected = detect_study(self.bundle, item.study, batch_size=self.slice_batch)
                 except Exception as exc:
-                    item.error = {"study_id": item.study_id, "series_id": None, "stage": "detect",
-                                  "error_type": type(exc).__name__, "message": str(exc)[:1000]}
+                    item.error = error_row(item.study_id, "detect", exc)
                 item.study = None  # the volumes are not needed downstream
             items.append(item)
-        return {"study_id": batch["study_id"], "item": _objects(items)}
+        return {"study_id": batch["study_id"], "item": object_array(items)}
 
 
 class ScoreStage:
@@ -185,31 +117,32 @@ class ScoreStage:
     crops of a batch of studies in one pass."""
 
     def __init__(self, models: str, run_id: str):
-        self.bundle = scoring.ModelBundle.from_registry(models, parts=("scorer",))
+        self.bundle = ModelBundle.from_registry(models, parts=("scorer",))
         self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         now = pd.Timestamp.now(tz="UTC")
-        items = list(batch["item"])
+        version, items = self.bundle.version, list(batch["item"])
         ready = [item.detected for item in items if item.detected is not None]
         crops = np.concatenate([d.crops for d in ready]) if ready else np.zeros((0, 3, 32, 32), np.float32)
-        probs = scoring.grade_crops(self.bundle, crops)
+        probs = grade_crops(self.bundle, crops)
         offset = 0
         for item in items:
             detected = item.detected
             if detected is None:
-                item.errors = scoring.error_frame([item.error], self.bundle.version, self.run_id, now)
+                item.errors = error_frame([item.error], version, self.run_id, now)
                 continue
             n = len(detected.crops)
-            item.predictions = scoring.study_rows(detected, probs[offset:offset + n], self.bundle.version,
-                                                  self.bundle.priors, self.run_id, now)
+            item.predictions = study_rows(detected, probs[offset:offset + n], version, self.bundle.priors,
+                                          self.run_id, now)
             offset += n
-            item.errors = scoring.error_frame(detected.errors, self.bundle.version, self.run_id, now)
+            item.errors = error_frame(detected.errors, version, self.run_id, now)
             item.detected = None
-        return {"study_id": batch["study_id"], "item": _objects(items)}
+        return {"study_id": batch["study_id"], "item": object_array(items)}
 
 
-def _objects(values: list) -> np.ndarray:
+def object_array(values: list) -> np.ndarray:
+    """A 1-D object array of ``values`` (np.array would try to stack dataclasses' fields)."""
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
@@ -235,17 +168,13 @@ class ScoreSummary:
 
 def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descriptions: pd.DataFrame | None):
     """The Ray Data plan (lazy): read -> detect -> score."""
-    import ray
-
-    from lumbar_ray.storage import ray_remote_args_with_storage_env
-
     ds = ray.data.from_items([{"study_id": s} for s in study_ids], override_num_blocks=max(1, len(study_ids)))
     read_kwargs = {"root": cfg.input, "split": cfg.split, "descriptions": descriptions}
     if cfg.read_batch_studies > 1:
-        ds = ds.map_batches(_read_study_rows, fn_kwargs=read_kwargs, batch_size=cfg.read_batch_studies,
+        ds = ds.map_batches(read_study_rows, fn_kwargs=read_kwargs, batch_size=cfg.read_batch_studies,
                             batch_format="numpy", num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
     else:
-        ds = ds.map(_read_study_row, fn_kwargs=read_kwargs, num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
+        ds = ds.map(read_study_row, fn_kwargs=read_kwargs, num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
     ds = ds.map_batches(DetectStage, fn_constructor_kwargs={"models": cfg.models, "slice_batch": cfg.slice_batch},
                         compute=ray.data.ActorPoolStrategy(size=cfg.detector_pool), num_gpus=cfg.detector_gpus,
                         num_cpus=cfg.detector_cpus, batch_size=cfg.detector_batch_studies, batch_format="numpy",
@@ -267,10 +196,6 @@ def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descripti
 
 def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], int, int, pd.DataFrame | None]:
     """(studies to score now, studies listed, studies already done for this version, descriptions)."""
-    from lumbar_ray.dicom.read import list_studies
-    from lumbar_ray.dicom.read import load_descriptions
-    from lumbar_ray.outputs.store import scored_studies
-
     listed = [str(s) for s in (cfg.study_ids or list_studies(cfg.input, split=cfg.split))]
     done = scored_studies(cfg.out, model_version, include_errors=not cfg.retry_errors)
     todo = [s for s in listed if s not in done]
@@ -282,75 +207,77 @@ def studies_to_score(cfg: ScoreConfig, model_version: str) -> tuple[list[str], i
 
 def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> ScoreSummary:
     """Score every study of ``cfg.input`` not yet in ``cfg.out`` for this model version."""
-    import ray
-
-    from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
-
     if not ray.is_initialized():
         raise RuntimeError("run_scoring needs a Ray runtime: call ray.init() first (jobs/score.py does)")
     root, version = parse_model_spec(cfg.models)
     model_version = ModelRegistry(root).resolve(version)
     # Pin the version so every actor loads the same one even if the champion moves meanwhile.
-    cfg = _with(cfg, models=f"{root}@{model_version}")
+    cfg = dataclasses.replace(cfg, models=f"{root}@{model_version}")
     run_id = cfg.run_id or time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     # One run per output at a time; taken before listing what is done, so that two runs can
     # never both decide to score the same study.
     with OutputLock(cfg.out, run_id, wait_s=cfg.lock_wait_s) as lock:
-        return _score_locked(cfg, run_id, model_version, lock, echo)
+        return score_holding_lock(cfg, run_id, model_version, lock, echo)
 
 
-def _score_locked(cfg: ScoreConfig, run_id: str, model_version: str, lock: OutputLock,
-                  echo: Callable[[str], None]) -> ScoreSummary:
-    from lumbar_ray.outputs.store import OutputWriter
+@dataclass
+class PartFiles:
+    """The finished studies of a run not yet written, and the run's counts: each flush writes
+    them as one part file per table."""
 
+    writer: OutputWriter
+    lock: OutputLock
+    n_scored: int = 0
+    n_with_errors: int = 0
+    n_failed: int = 0
+    rows: int = 0
+    pending: int = 0  # studies since the last flush
+    predictions: list[pd.DataFrame] = field(default_factory=list)
+    errors: list[pd.DataFrame] = field(default_factory=list)
+
+    def add(self, item: StudyItem) -> None:
+        preds, errs = item.predictions, item.errors
+        if preds is not None:
+            self.predictions.append(preds)
+            self.rows += len(preds)
+            self.n_scored += 1
+            self.n_with_errors += int(errs is not None and len(errs) > 0)
+        else:
+            self.n_failed += 1
+        if errs is not None and len(errs):
+            self.errors.append(errs)
+        self.pending += 1
+
+    def flush(self) -> None:
+        if self.pending:
+            self.lock.check()  # another run took the output over: stop before writing anything twice
+            self.writer.write(pd.concat(self.predictions, ignore_index=True) if self.predictions else None,
+                              pd.concat(self.errors, ignore_index=True) if self.errors else None)
+        self.pending, self.predictions, self.errors = 0, [], []
+
+
+def score_holding_lock(cfg: ScoreConfig, run_id: str, model_version: str, lock: OutputLock,
+                       echo: Callable[[str], None]) -> ScoreSummary:
+    """The body of :func:`run_scoring`, run while ``lock`` holds the output."""
     todo, n_listed, n_done, descriptions = studies_to_score(cfg, model_version)
     echo(f"[score] {n_listed} studies listed, {n_done} already scored by {model_version}; "
          f"scoring {len(todo)} (run {run_id})")
-    writer = OutputWriter(cfg.out, run_id, model_version)
+    parts = PartFiles(OutputWriter(cfg.out, run_id, model_version), lock)
     started = time.time()
-    n_scored = n_with_errors = n_failed = rows = 0
-    pending_preds: list[pd.DataFrame] = []
-    pending_errs: list[pd.DataFrame] = []
-    pending = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_preds, pending_errs
-        if pending:
-            lock.check()  # another run took the output over: stop before writing anything twice
-            writer.write(pd.concat(pending_preds, ignore_index=True) if pending_preds else None,
-                         pd.concat(pending_errs, ignore_index=True) if pending_errs else None)
-        pending, pending_preds, pending_errs = 0, [], []
-
     if todo:
-        ds = build_dataset(cfg, todo, run_id, descriptions)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(cfg, todo, run_id, descriptions).iter_batches(batch_size=None,
+                                                                                 batch_format="numpy"):
             for item in batch["item"]:
-                preds, errs = item.predictions, item.errors
-                if preds is not None:
-                    pending_preds.append(preds)
-                    rows += len(preds)
-                    n_scored += 1
-                    n_with_errors += int(errs is not None and len(errs) > 0)
-                else:
-                    n_failed += 1
-                if errs is not None and len(errs):
-                    pending_errs.append(errs)
-                pending += 1
-            if pending >= cfg.flush_studies:
-                flush()
-                done = n_scored + n_failed
+                parts.add(item)
+            if parts.pending >= cfg.flush_studies:
+                parts.flush()
+                done = parts.n_scored + parts.n_failed
                 echo(f"[score] {done}/{len(todo)} studies, {done / max(time.time() - started, 1e-9):.2f} studies/s")
-        flush()
-    writer.close()
+        parts.flush()
+    parts.writer.close()
     seconds = time.time() - started
-    summary = ScoreSummary(run_id, model_version, n_listed, n_done, n_scored, n_with_errors, n_failed,
-                           seconds, rows)
-    echo(f"[score] done: {n_scored} scored ({n_with_errors} with recorded problems), {n_failed} failed, "
-         f"{rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
+    summary = ScoreSummary(run_id, model_version, n_listed, n_done, parts.n_scored, parts.n_with_errors,
+                           parts.n_failed, seconds, parts.rows)
+    echo(f"[score] done: {parts.n_scored} scored ({parts.n_with_errors} with recorded problems), "
+         f"{parts.n_failed} failed, {parts.rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
     return summary
-
-
-def _with(cfg: ScoreConfig, **changes: Any) -> ScoreConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)

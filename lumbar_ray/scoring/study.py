@@ -13,13 +13,19 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.targets import LEVELS, PROBABILITY_COLUMNS, SERIES_TYPES, TARGETS
+from lumbar_ray.config import SCORER, detector_job
+from lumbar_ray.dicom.read import load_descriptions, read_study
+from lumbar_ray.models import ultralytics_env
+from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
+from lumbar_ray.targets import PROBABILITY_COLUMNS, SERIES_TYPES, TARGETS
 
 log = logging.getLogger(__name__)
 
 
 # What a ModelBundle can hold; pipeline stages load only their own part.
 MODEL_PARTS = ("detectors", "scorer")
+
+ERROR_COLUMNS = ["study_id", "series_id", "stage", "error_type", "message", "model_version", "run_id", "recorded_at"]
 
 
 @dataclass
@@ -47,10 +53,7 @@ class ModelBundle:
         empty and Ultralytics is never imported). Why: each pipeline actor pays for what it
         loads in start-up time, on every run, and on a small machine the stages start together.
         """
-        import torch
-
-        from lumbar_ray.config import SCORER, detector_job
-        from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
+        import torch  # heavy: the driver and the read tasks import this module but load no model
 
         unknown = set(parts) - set(MODEL_PARTS)
         if unknown or not parts:
@@ -62,34 +65,41 @@ class ModelBundle:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         local = Path(cache_dir or tempfile.mkdtemp(prefix="lumbar-ray-models-")) / version
         models = manifest.get("models", {})
-        detectors = {}
-        if "detectors" in parts:
-            from lumbar_ray.models import ultralytics_env
-
-            ultralytics_env.configure()
-            from lumbar_ray.models.detector import load_detector, prepare_for_inference
-
-            for series_type in SERIES_TYPES:
-                name = models.get(detector_job(series_type))
-                if name:
-                    detectors[series_type] = prepare_for_inference(
-                        load_detector(registry.fetch(version, name, local), device=device))
+        detectors = load_detectors(registry, version, models, local, device) if "detectors" in parts else {}
         if SCORER not in models:
             raise ValueError(f"registry version {version} has no scorer")
         # The scorer's file also carries the crop settings, which detection needs for its crops.
         payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)
-        scorer = None
-        if "scorer" in parts:
-            from lumbar_ray.models.deepscorenet import DeepScoreNet
-            from lumbar_ray.models.deepscorenet import prepare_for_inference as prepare_scorer_for_inference
-
-            scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
-            scorer.load_state_dict(payload["state_dict"])
-            scorer = prepare_scorer_for_inference(scorer.to(device).eval())
+        scorer = load_scorer(payload, device) if "scorer" in parts else None
         return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
                    crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
                    detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)),
                    parts=tuple(part for part in MODEL_PARTS if part in parts))
+
+
+def load_detectors(registry: ModelRegistry, version: str, models: dict[str, str], local: Path,
+                   device: Any) -> dict[str, Any]:
+    """{series type: detector ready for inference} of the detectors a version holds (``models``:
+    its manifest's {job: file}); their files are fetched (and checked) into ``local``."""
+    from lumbar_ray.models.detector import load_detector, prepare_detector_for_inference  # heavy: torch
+
+    ultralytics_env.configure()
+    detectors = {}
+    for series_type in SERIES_TYPES:
+        name = models.get(detector_job(series_type))
+        if name:
+            detector = load_detector(registry.fetch(version, name, local), device=device)
+            detectors[series_type] = prepare_detector_for_inference(detector)
+    return detectors
+
+
+def load_scorer(payload: dict[str, Any], device: Any) -> Any:
+    """DeepScoreNet from its saved ``payload`` (state dict and input channels), ready for inference."""
+    from lumbar_ray.models.deepscorenet import DeepScoreNet, prepare_scorer_for_inference  # heavy: torch
+
+    scorer = DeepScoreNet(in_channels=int(payload["in_channels"]))
+    scorer.load_state_dict(payload["state_dict"])
+    return prepare_scorer_for_inference(scorer.to(device).eval())
 
 
 class UnreadableStudyError(RuntimeError):
@@ -104,6 +114,13 @@ def require_readable(study) -> None:
     more = f" (+{len(study.skipped) - 5} more)" if len(study.skipped) > 5 else ""
     raise UnreadableStudyError(f"study {study.study_id}: no series could be read"
                                + (f"; skipped {reasons}{more}" if reasons else "; the folder holds no DICOM series"))
+
+
+def error_row(study_id: str, stage: str, exc: BaseException, series_id: str | None = None,
+              max_chars: int = 1000) -> dict:
+    """One row of the errors table for an exception at ``stage`` (read | detect)."""
+    return {"study_id": study_id, "series_id": series_id, "stage": stage, "error_type": type(exc).__name__,
+            "message": str(exc)[:max_chars]}
 
 
 @dataclass
@@ -138,22 +155,17 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
                  timings: dict[str, float] | None = None) -> DetectedStudy:
     """Run each series type's detector over all slices of its series (batched), pick one
     detection per target, and crop the detected points. ``timings``: a dict to add the seconds
-    of each step to (:func:`detector.detect_series`'s steps and "select + crop"; profiling)."""
-    from lumbar_ray.models.detector import StageClock, detect_series, select_target_detections
-    from lumbar_ray.models.deepscorenet import extract_crops
+    of each step to (:func:`detect_series`'s steps and "select + crop"; profiling)."""
+    # heavy: torch; the driver and the read tasks import this module but run no model
+    from lumbar_ray.models.detector_inference import StageClock, detect_series
+    from lumbar_ray.models.target_selection import select_target_detections
 
     if "detectors" not in bundle.parts:  # else every series would pass as "no detector in this version"
         raise RuntimeError(f"model bundle {bundle.version} was loaded without its detectors (parts={bundle.parts})")
     study_id = str(study.study_id)
     hits = {t.index: TargetHit(t.index) for t in TARGETS}
-    flags: list[str] = []
-    errors: list[dict] = []
+    flags, errors = skipped_file_problems(study)
     crops_by_target: dict[int, np.ndarray] = {}
-    if study.skipped:
-        flags.append(f"skipped_files:{len(study.skipped)}")
-        for skipped in study.skipped:
-            errors.append({"study_id": study_id, "series_id": _series_of_path(skipped.path), "stage": "read",
-                           "error_type": skipped.error_type, "message": f"{Path(str(skipped.path)).name}: {skipped.reason}"})
     for series_type in SERIES_TYPES:
         series = study.series.get(series_type)
         if series is None:
@@ -172,18 +184,11 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
             chosen = select_target_detections(detections, series_type, series)
         except Exception as exc:  # one bad series must not lose the study's other rows
             flags.append(f"detect_failed:{series_type}")
-            errors.append({"study_id": study_id, "series_id": str(series.series_id), "stage": "detect",
-                           "error_type": type(exc).__name__, "message": str(exc)[:500]})
+            errors.append(error_row(study_id, "detect", exc, series_id=str(series.series_id), max_chars=500))
             continue
-        found = [(index, det) for index, det in sorted(chosen.items()) if det is not None]
-        if found:
-            points = np.array([(det.slice_index, det.x, det.y) for _, det in found], dtype=np.float64)
-            crops = extract_crops(series.volume, points, channels=bundle.channels, mm=bundle.crop_mm,
-                                  pixel_spacing=tuple(series.pixel_spacing))
-            for (index, det), crop in zip(found, crops):
-                hits[index] = TargetHit(index, str(series.series_id), int(det.slice_index),
-                                        int(det.instance_number), float(det.x), float(det.y), float(det.confidence))
-                crops_by_target[index] = crop
+        for hit, crop in crop_detections(bundle, series, chosen):
+            hits[hit.target_index] = hit
+            crops_by_target[hit.target_index] = crop
         clock.lap("select + crop")
     ordered = [hits[t.index] for t in TARGETS]
     detected = [h.target_index for h in ordered if h.detected]
@@ -191,9 +196,37 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
     return DetectedStudy(study_id, ordered, crops.astype(np.float32), flags, errors)
 
 
-def _series_of_path(path) -> str | None:
+def skipped_file_problems(study) -> tuple[list[str], list[dict]]:
+    """(flags, error rows) for the files of ``study`` that its reading skipped."""
+    if not study.skipped:
+        return [], []
+    study_id = str(study.study_id)
+    errors = [{"study_id": study_id, "series_id": series_of_path(skipped.path), "stage": "read",
+               "error_type": skipped.error_type, "message": f"{Path(str(skipped.path)).name}: {skipped.reason}"}
+              for skipped in study.skipped]
+    return [f"skipped_files:{len(study.skipped)}"], errors
+
+
+def series_of_path(path) -> str | None:
+    """The series id of a DICOM file's path: the name of its folder."""
     parts = str(path).rstrip("/").split("/")
     return parts[-2] if len(parts) >= 2 else None
+
+
+def crop_detections(bundle: ModelBundle, series, chosen: dict) -> list[tuple[TargetHit, np.ndarray]]:
+    """(hit, crop) of each target that ``chosen`` ({target index: detection or None}) found in
+    ``series``, in target order."""
+    from lumbar_ray.models.crops import extract_crops  # heavy: scipy, only where crops are cut
+
+    found = [(index, det) for index, det in sorted(chosen.items()) if det is not None]
+    if not found:
+        return []
+    points = np.array([(det.slice_index, det.x, det.y) for _, det in found], dtype=np.float64)
+    crops = extract_crops(series.volume, points, channels=bundle.channels, mm=bundle.crop_mm,
+                          pixel_spacing=tuple(series.pixel_spacing))
+    return [(TargetHit(index, str(series.series_id), int(det.slice_index), int(det.instance_number), float(det.x),
+                       float(det.y), float(det.confidence)), crop)
+            for (index, det), crop in zip(found, crops)]
 
 
 def study_rows(detected: DetectedStudy, probs: np.ndarray, bundle_version: str, priors: dict[str, list[float]],
@@ -217,20 +250,18 @@ def study_rows(detected: DetectedStudy, probs: np.ndarray, bundle_version: str, 
     return pd.DataFrame(rows)
 
 
-# DeepScoreNet's forward passes on a CPU: always this many crops (padded; predict_proba's
-# fixed_batch), so that a scoring actor's memory stays flat however the crop counts of its calls
-# vary. At the counts a scoring actor's calls have (16 studies: ~110-400 crops) 32 costs no speed:
-# one core, padding included, 95-118 vs 101-122 crops/s for calls of 110 crops, 125-133 vs 102-120
-# for 400 (`python docs/experiments/scorer_memory.py`); a 160-study `lumbar-ray score` took
-# 68.7 / 62.2 s vs 68.7 / 68.8 s with whole-call passes (alternating runs). On a GPU the caching
-# allocator reuses blocks of any size.
+# DeepScoreNet's forward passes on a CPU always take this many crops (padded; predict_proba's
+# fixed_batch). Why: with a batch size that varies from call to call the heap that each new size's
+# activations fragment is kept, and a scoring actor's memory grows over a run; with one size it
+# stays flat, and at the crop counts of an actor's calls (~110-400) 32 costs no speed. On a GPU
+# the caching allocator reuses blocks of any size.
 CPU_GRADE_BATCH = 32
 
 
 def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """DeepScoreNet's probabilities of ``crops``: on a CPU in fixed batches of
     :data:`CPU_GRADE_BATCH`, on a GPU in batches of up to 512 (``batch_size`` overrides)."""
-    from lumbar_ray.models.deepscorenet import predict_proba
+    from lumbar_ray.models.deepscorenet import predict_proba  # heavy: torch
 
     if len(crops) == 0:
         return np.zeros((0, len(PROBABILITY_COLUMNS)), np.float32)
@@ -242,22 +273,15 @@ def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int | None =
 
 
 def error_frame(errors: list[dict], version: str, run_id: str, recorded_at: pd.Timestamp) -> pd.DataFrame:
+    """The errors-table rows of ``errors`` (see :func:`error_row`), stamped with the run."""
     return pd.DataFrame([{**e, "model_version": version, "run_id": run_id, "recorded_at": recorded_at} for e in errors],
-                        columns=["study_id", "series_id", "stage", "error_type", "message", "model_version",
-                                 "run_id", "recorded_at"])
-
-
-__all__ = ["ModelBundle", "TargetHit", "DetectedStudy", "detect_study", "study_rows", "grade_crops",
-           "error_frame", "LEVELS"]
+                        columns=ERROR_COLUMNS)
 
 
 def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split: str = "test",
                      run_id: str = "in-process") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The plain loop (one process, no Ray) over the same functions as the pipeline: the
     reference that the Ray pipeline must equal."""
-    from lumbar_ray.dicom.read import read_study
-    from lumbar_ray.dicom.read import load_descriptions
-
     descriptions = load_descriptions(root, split)
     now = pd.Timestamp.now(tz="UTC")
     preds, errs = [], []
@@ -266,14 +290,13 @@ def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split
             study = read_study(root, study_id, split=split, descriptions=descriptions)
             require_readable(study)
         except Exception as exc:
-            errs.append(error_frame([{"study_id": str(study_id), "series_id": None, "stage": "read",
-                                      "error_type": type(exc).__name__, "message": str(exc)[:1000]}],
-                                    bundle.version, run_id, now))
+            errs.append(error_frame([error_row(str(study_id), "read", exc)], bundle.version, run_id, now))
             continue
         detected = detect_study(bundle, study)
         preds.append(study_rows(detected, grade_crops(bundle, detected.crops), bundle.version, bundle.priors,
                                 run_id, now))
         errs.append(error_frame(detected.errors, bundle.version, run_id, now))
     pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
-    err = pd.concat([e for e in errs if len(e)], ignore_index=True) if any(len(e) for e in errs) else error_frame([], bundle.version, run_id, now)
+    errs = [e for e in errs if len(e)]
+    err = pd.concat(errs, ignore_index=True) if errs else error_frame([], bundle.version, run_id, now)
     return pred, err
