@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH_NODES_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-nodes clean
+.PHONY: setup demo test test-fast lint-imports bench bench-nodes clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/lumbar-ray demo --workdir $(DEMO_DIR)
 
-test: setup
+# The layering contracts of pyproject.toml ([tool.importlinter]) first, then the suite.
+test: setup lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+lint-imports: setup
+	$(BIN)/lint-imports --no-cache
+
 # Without the slow (training/end-to-end) tests.
-test-fast: setup
+test-fast: setup lint-imports
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
