@@ -25,7 +25,7 @@ def main() -> None:
     import torch
 
     from lumbar_ray.scoring import study as scoring
-    from lumbar_ray.models.detector import detect_series
+    from lumbar_ray.models.detector_inference import detect_series
     from lumbar_ray.dicom.read import list_studies, load_descriptions, read_study
 
     torch.set_num_threads(1)

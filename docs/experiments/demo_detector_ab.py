@@ -1,6 +1,6 @@
 """One-off A/B: how many studies and epochs the demo's detectors need (record of DemoSizes).
 
-One process, one thread, no Ray: detector.fit_detector on the first N training studies of fold
+One process, one thread, no Ray: detector_fit.fit_detector on the first N training studies of fold
 != 0 of a CV version's folds, then hit rates on the first V studies of fold 0 (the default
 slice-selection rule). Used with the demo's own data and folds (16 training studies) and with
 the 200-study set (cv200, N = 32 and 48):
@@ -16,12 +16,15 @@ import pandas as pd
 import torch
 
 torch.set_num_threads(1)
-from lumbar_ray import ultralytics_env  # noqa: E402
-from lumbar_ray.dicom import read as dicom_io
+from lumbar_ray.models import ultralytics_env  # noqa: E402
+from lumbar_ray.dicom.read import read_study
 
 ultralytics_env.configure()
-from lumbar_ray.models.detector import (HitRates, detect_series, detector_hit_rates, fit_detector,  # noqa: E402
-                                 load_detector_samples, select_target_detections)
+from lumbar_ray.models.detector_inference import detect_series  # noqa: E402
+from lumbar_ray.models.target_selection import select_target_detections  # noqa: E402
+from lumbar_ray.training.detector_data import load_detector_samples  # noqa: E402
+from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates  # noqa: E402
+from lumbar_ray.training.detector_fit import fit_detector  # noqa: E402
 
 root, folds_path, series_type, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 folds = pd.read_parquet(folds_path)
@@ -36,7 +39,7 @@ model, hist = fit_detector(samples, None, series_type, epochs=cfg.get("epochs", 
                            lr=cfg.get("lr", 2e-3), warmup_epochs=cfg.get("warmup", 1.0), batch_size=cfg.get("bs", 16))
 parts = []
 for sid in val:
-    series = dicom_io.read_study(root, sid, "train").series.get(series_type)
+    series = read_study(root, sid, "train").series.get(series_type)
     if series is not None:
         dets = detect_series(model, series, conf=0.01)
         parts.append(detector_hit_rates(select_target_detections(dets, series_type, series), coords, series))

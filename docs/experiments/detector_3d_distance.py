@@ -4,7 +4,7 @@ Versions trained before ``dist_3d_mm`` existed recorded only the in-plane distan
 the detection was on the labelled instance. This script re-reads each validation series'
 geometry (headers and pixels, from the data root the version was trained on), puts both the
 labelled point (instance, x, y) and the detection (instance, x, y) into patient coordinates
-and prints the detector table of ``lumbar_ray.training.cv.detector_metrics`` with the ``*_3d`` columns
+and prints the detector table of ``lumbar_ray.training.cv_metrics.detector_metrics`` with the ``*_3d`` columns
 filled, as training now writes it.
 
 Usage: python docs/experiments/detector_3d_distance.py --data DATA --registry REG@VERSION
@@ -17,16 +17,16 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.dicom import read as dicom_io
+from lumbar_ray.dicom.read import read_series
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
-from lumbar_ray.training.cv import detector_metrics
+from lumbar_ray.training.cv_metrics import detector_metrics
 
 
 def add_3d_distance(records: pd.DataFrame, data_root: str) -> pd.DataFrame:
     records = records.copy()
     records["dist_3d_mm"] = np.nan
     for (study_id, series_id), part in records.groupby(["study_id", "series_id"]):
-        series = dicom_io.read_series(f"{data_root}/train_images/{study_id}/{series_id}")
+        series = read_series(f"{data_root}/train_images/{study_id}/{series_id}")
         for i, rec in part.iterrows():
             if not rec["detected"]:
                 continue

@@ -1,6 +1,6 @@
 """One-off A/B of the canal detector's training (negatives, epochs, learning rate) and of the
 slice-selection rules, kept as the record of the rule table in docs/RESULTS.md. One process, one thread,
-no Ray: detector.fit_detector on the training studies of fold 0 of an earlier CV run, then every
+no Ray: detector_fit.fit_detector on the training studies of fold 0 of an earlier CV run, then every
 rule of select_target_detections on the same detections of fold 0's validation studies.
 
   python docs/experiments/detector_training_ab.py "Sagittal T2/STIR" detector_sagittal_t2_stir \
@@ -11,10 +11,13 @@ rule of select_target_detections on the same detections of fold 0's validation s
 import sys, json, time, numpy as np, pandas as pd, torch
 torch.set_num_threads(1)
 from lumbar_ray.models import ultralytics_env
-from lumbar_ray.dicom import read as dicom_io
+from lumbar_ray.dicom.read import read_study
 ultralytics_env.configure()
-from lumbar_ray.models.detector import (load_detector_samples, fit_detector, detect_series, select_target_detections,
-                                 detector_hit_rates, HitRates)
+from lumbar_ray.models.detector_inference import detect_series
+from lumbar_ray.models.target_selection import select_target_detections
+from lumbar_ray.training.detector_data import load_detector_samples
+from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates
+from lumbar_ray.training.detector_fit import fit_detector
 R = sys.argv[4]  # the synthetic set (cv200)
 # a CV version's artifacts (registry/runs/VERSION/artifacts): its fold-0 validation studies are reused
 A = sys.argv[5]
@@ -32,7 +35,7 @@ model, hist = fit_detector(samples, None, series_type, epochs=cfg.get("epochs", 
 print("history", hist[-1], f"{time.time()-t0:.0f}s", flush=True)
 parts = {"max": [], "centroid": [], "slice": []}
 for sid in val:
-    st = dicom_io.read_study(R, sid, "train")
+    st = read_study(R, sid, "train")
     s = st.series.get(series_type)
     if s is None: continue
     dets = detect_series(model, s, conf=0.01)

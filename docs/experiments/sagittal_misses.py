@@ -1,7 +1,7 @@
 """Where the sagittal detectors' wrong-slice misses come from (one-off analysis, #3).
 
 The synthetic label of a sagittal target sits on the slice nearest its 3-D point
-(phantom.SliceStack.project). When that point lies about halfway between two slices, both show
+(synth.geometry.SliceStack.project). When that point lies about halfway between two slices, both show
 the structure almost equally, and "the right instance" is decided by a fraction of a millimetre.
 This script re-draws each study's patient model and slice geometry (the synthesizer draws them
 before rendering, from the study's own random stream, so no pixels are needed), measures how far
@@ -18,23 +18,25 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.synth import writer as synth
-from lumbar_ray.synth.phantom import PatientModel
+from lumbar_ray.synth.anatomy import PatientModel
+from lumbar_ray.synth.geometry import sample_labelled_geometry
+from lumbar_ray.synth.labels import sample_label_vectors, severity_ids_of
+from lumbar_ray.synth.writer import draw_ids, study_rng
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, TARGETS
 
 
 def label_offsets(n_studies: int, seed: int, size: str) -> pd.DataFrame:
-    labels = synth.sample_label_vectors(n_studies, seed)
-    study_ids, _ = synth._draw_ids(seed, n_studies)
+    labels = sample_label_vectors(n_studies, seed)
+    study_ids, _ = draw_ids(seed, n_studies)
     rows = []
     for i in range(n_studies):
-        sev = synth._severity_ids(labels.iloc[i])
-        rng = np.random.default_rng([int(seed), 0x57D, i])  # as synth._make_study_inner
+        sev = severity_ids_of(labels.iloc[i])
+        rng = study_rng(seed, i)
         model = PatientModel.sample(rng, sev)
-        sag_t1 = synth._sample_geometry(model, "sagittal", SAGITTAL_T1, size, rng)
+        sag_t1 = sample_labelled_geometry(model, "sagittal", SAGITTAL_T1, size, rng)
         shared = rng.random() < 0.5
-        sag_t2 = synth._sample_geometry(model, "sagittal", SAGITTAL_T2, size, rng, like=sag_t1 if shared else None)
+        sag_t2 = sample_labelled_geometry(model, "sagittal", SAGITTAL_T2, size, rng, like=sag_t1 if shared else None)
         stacks = {SAGITTAL_T1: sag_t1, SAGITTAL_T2: sag_t2}
         for t in TARGETS:
             if t.series_type == AXIAL_T2 or sev[t.index] < 0:

@@ -1,14 +1,15 @@
 """One-off A/B of DeepScoreNet's inputs (1 slice repeated vs 2.5D adjacent slices; 32 px vs
 crops in mm), kept as the record of the scorer table in docs/RESULTS.md. No Ray: crops at the labelled
 points of cv200 (cached by crops.py below), studies with id % 3 == 0 held out, the training
-recipe of lumbar_ray.training.cv.scorer_worker_loop (CropDataset oversampling x4, class-weighted focal
+recipe of lumbar_ray.training.scorer_loop.scorer_worker_loop (CropDataset oversampling x4, class-weighted focal
 loss gamma 3, AdamW + cosine), RSNA metric on the held-out rows vs the prior baselines fitted on
 the training rows.
 
   python docs/experiments/scorer_crops.py repeat none && python docs/experiments/scorer_ab.py repeat_none '{"epochs": 6}' 1
 """
 import sys, pickle, time, json, numpy as np, pandas as pd, torch
-from lumbar_ray.models.deepscorenet import DeepScoreNet, FocalLoss, CropDataset, class_weights_from_labels, predict_proba
+from lumbar_ray.models.deepscorenet import DeepScoreNet, FocalLoss, class_weights_from_labels, predict_proba
+from lumbar_ray.training.crop_data import CropDataset
 from lumbar_ray.metrics.rsna import rsna_score, prediction_frame, weighted_prior_baseline, prior_baseline, PROBS
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
 crops, pts = pickle.load(open(f"work/experiments/crops_{sys.argv[1]}.pkl", "rb"))

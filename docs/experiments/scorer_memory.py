@@ -39,12 +39,12 @@ def run_mode(mode: str, calls: int, max_crops: int) -> None:
     import numpy as np
     import torch
 
-    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba, prepare_for_inference
+    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba, prepare_scorer_for_inference
     from lumbar_ray.scoring.study import grade_crops
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = prepare_for_inference(DeepScoreNet())
+    net = prepare_scorer_for_inference(DeepScoreNet())
     bundle = SimpleNamespace(parts=("scorer",), device=torch.device("cpu"), scorer=net, version="x")
     rng = np.random.default_rng(0)
     pool = rng.random((max_crops, 3, 32, 32), dtype=np.float32)
@@ -70,12 +70,12 @@ def rates(counts=(110, 400), rounds: int = 3, passes: int = 3) -> None:
     import numpy as np
     import torch
 
-    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba, prepare_for_inference
+    from lumbar_ray.models.deepscorenet import DeepScoreNet, predict_proba, prepare_scorer_for_inference
     from lumbar_ray.scoring.study import grade_crops
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = prepare_for_inference(DeepScoreNet())
+    net = prepare_scorer_for_inference(DeepScoreNet())
     bundle = SimpleNamespace(parts=("scorer",), device=torch.device("cpu"), scorer=net, version="x")
     pool = np.random.default_rng(1).random((max(counts), 3, 32, 32), dtype=np.float32)
     ways = {"whole": lambda n: predict_proba(net, pool[:n], batch_size=n), "fixed": lambda n: grade_crops(bundle, pool[:n])}
