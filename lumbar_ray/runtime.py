@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Iterator
+
+from lumbar_ray.errors import exit_code_of, one_line
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,24 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         ray.shutdown()
 
 
+def report_expected(exc: BaseException) -> int | None:
+    """For an expected error (see :mod:`lumbar_ray.errors`): write it as one line on stderr and
+    return its exit code. None for any other error, which the caller re-raises (traceback kept)."""
+    code = exit_code_of(exc)
+    if code is not None:
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+    return code
+
+
 def run_job(get_args_parser, main, argv: list[str] | None = None) -> int:
-    """Entry point shared by jobs/*.py and the CLI: logging, parse, main."""
+    """Entry point shared by jobs/*.py and the CLI: logging, parse, main. A user error
+    (:class:`lumbar_ray.errors.UserError`) ends the job with one line on stderr and its exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except Exception as exc:
+        code = report_expected(exc)
+        if code is None:
+            raise
+        return code

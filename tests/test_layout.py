@@ -21,7 +21,7 @@ def test_every_stage_is_a_subpackage():
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert {"dicom", "models", "training", "scoring", "outputs", "synth", "bench", "metrics"} <= subpackages
     top_level = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert top_level <= {"targets", "config", "storage", "runtime", "cli", "demo"}, top_level
+    assert top_level <= {"targets", "errors", "config", "storage", "runtime", "cli", "demo"}, top_level
 
 
 def test_no_module_over_600_lines():

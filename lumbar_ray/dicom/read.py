@@ -58,6 +58,7 @@ from lumbar_ray.dicom.series_types import (
     resolve_pending,
 )
 from lumbar_ray.dicom.stacks import build_series, filter_localizers, plane_of, skip_stack, split_stacks
+from lumbar_ray.errors import DataLayoutError
 from lumbar_ray.targets import SERIES_TYPES
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,16 @@ def _decode_by_type(
 
 # --------------------------------------------------------------------------------------------
 # A split
+
+
+def require_split(root: str | os.PathLike, split: str = "train") -> None:
+    """Raise :class:`~lumbar_ray.errors.DataLayoutError` unless ``root`` exists and holds
+    ``{split}_images/`` (cheap: jobs call it before starting Ray, so a wrong path fails at once)."""
+    if not storage.exists(root):
+        raise DataLayoutError(f"data root {root} does not exist")
+    if not storage.isdir(storage.join(root, f"{split}_images")):
+        raise DataLayoutError(f"{root} has no {split}_images/ folder: expected the Kaggle layout "
+                              f"{split}_images/STUDY_ID/SERIES_ID/N.dcm (and {split}_series_descriptions.csv)")
 
 
 def list_studies(root: str | os.PathLike, split: str = "train") -> list[str]:

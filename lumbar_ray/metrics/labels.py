@@ -6,14 +6,26 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray import storage
+from lumbar_ray.errors import DataLayoutError
 from lumbar_ray.metrics.rsna import long_labels
 from lumbar_ray.targets import TARGET_BY_NAME_LEVEL, TARGETS
 
 COORDINATE_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
 
 
-class LabelFileError(ValueError):
-    """A label file is missing columns or holds values outside the Kaggle spellings."""
+LABEL_FILES = ("train.csv", "train_label_coordinates.csv")
+
+
+class LabelFileError(DataLayoutError, ValueError):
+    """A label file is missing, lacks columns or holds values outside the Kaggle spellings."""
+
+
+def require_label_files(root: str) -> None:
+    """Raise LabelFileError unless ``root`` holds the label files that training reads."""
+    missing = [name for name in LABEL_FILES if not storage.exists(storage.join(root, name))]
+    if missing:
+        raise LabelFileError(f"{root} has no {' or '.join(missing)}: training needs the Kaggle layout's labels "
+                             f"({', '.join(LABEL_FILES)})")
 
 
 def read_labels(root: str) -> pd.DataFrame:

@@ -28,14 +28,17 @@ from typing import Any
 import fsspec
 
 from lumbar_ray import storage
+from lumbar_ray.errors import EXIT_REGISTRY, UserError
 
 MANIFEST = "manifest.json"
 CHAMPION = "champion.json"
 FORMAT_VERSION = 1
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A registry is missing, malformed, or asked for something it does not hold."""
+
+    exit_code = EXIT_REGISTRY
 
 
 class ChecksumMismatchError(RegistryError):

@@ -6,11 +6,13 @@ import argparse
 import sys
 
 from lumbar_ray.config import ScoreConfig
-from lumbar_ray.runtime import ray_session, run_job
+from lumbar_ray.errors import EXIT_BUSY
+from lumbar_ray.models.registry import ModelRegistry, RegistryError, parse_model_spec
+from lumbar_ray.runtime import ray_session, report_expected, run_job
 from lumbar_ray.scoring.args import add_resource_args, resource_kwargs
 from lumbar_ray.scoring.output_lock import OutputBusy
 
-EXIT_OUTPUT_BUSY = 3  # another scoring run holds --out (its id, host and pid are printed)
+EXIT_OUTPUT_BUSY = EXIT_BUSY  # another scoring run holds --out (its id, host and pid are printed)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -38,16 +40,30 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        **resource_kwargs(args))
 
 
+def require_inputs(cfg: ScoreConfig) -> None:
+    """Refuse a model spec the registry cannot resolve (no champion, unknown version) and a data
+    root without ``{split}_images/`` before Ray starts."""
+    from lumbar_ray.dicom.read import require_split  # pydicom: `score --help` stays fast
+
+    root, version = parse_model_spec(cfg.models)
+    registry = ModelRegistry(root)
+    if not registry.versions():
+        raise RegistryError(f"registry {root} holds no versions; train one first: "
+                            f"lumbar-ray train --data DATA --out {root}")
+    registry.resolve(version)
+    require_split(cfg.input, cfg.split)
+
+
 def main(args: argparse.Namespace) -> int:
     from lumbar_ray.scoring.pipeline import run_scoring  # heavy: Ray Data; `lumbar-ray score --help` stays fast
 
     cfg = config_from_args(args)
+    require_inputs(cfg)
     try:
         with ray_session(args.address, num_cpus=args.num_cpus):
             summary = run_scoring(cfg, echo=print)
     except OutputBusy as exc:  # another run holds the output: say who, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_OUTPUT_BUSY
+        return report_expected(exc)
     print(f"run_id: {summary.run_id}  model_version: {summary.model_version}  "
           f"scored: {summary.n_scored}  failed: {summary.n_failed}  skipped (done before): {summary.n_skipped_done}")
     return 0

@@ -30,13 +30,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lumbar_ray import storage
+from lumbar_ray.errors import BusyError
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "scoring.lock"
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(BusyError, RuntimeError):
     """Another scoring run holds the output root (or took it over from this run)."""
 
 

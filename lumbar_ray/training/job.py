@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from lumbar_ray.config import DetectorConfig, ResourceConfig, ScorerConfig, TrainConfig
+from lumbar_ray.models.registry import ModelRegistry
+from lumbar_ray.runtime import ray_session, report_expected, run_job
+from lumbar_ray.training.promotion import Decision, PromotionLockBusy, champion_after_training
+
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -71,26 +76,53 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def require_training_data(cfg: TrainConfig) -> None:
+    """Refuse a data root without the Kaggle layout's images and labels before Ray starts."""
+    from lumbar_ray.dicom.read import require_split  # pydicom and pandas: `train --help` stays fast
+    from lumbar_ray.metrics.labels import require_label_files
+
+    require_split(cfg.data, cfg.split)
+    require_label_files(cfg.data)
+
+
+def next_command(data: str, registry: str, version: str, champion: bool) -> str:
+    """The command that scores with what was just trained."""
+    models = f"{registry}@{'champion' if champion else version}"
+    return f"next: lumbar-ray score --input {shlex.quote(data)} --models {shlex.quote(models)} --out scores"
+
+
+def say_decision(decision: Decision | None) -> None:
+    if decision is None:
+        return
+    if decision.promoted:
+        print(f"champion -> {decision.challenger} ({decision.reason})")
+    else:
+        print(f"{decision.challenger} not made champion: {decision.reason}")
+
+
 def main(args: argparse.Namespace) -> int:
-    from lumbar_ray.models.registry import ModelRegistry
-    from lumbar_ray.runtime import ray_session
-    from lumbar_ray.training.cv import run_training
+    from lumbar_ray.training.cv import run_training  # heavy: Ray Train and torch; `train --help` stays fast
 
     cfg = config_from_args(args)
     cfg.jobs()  # validates --models before starting Ray
+    require_training_data(cfg)
     with ray_session(args.address, num_cpus=args.num_cpus):
         outcome = run_training(cfg, echo=print)
     print(outcome.report)
-    if args.champion:
-        pointer = ModelRegistry(cfg.registry).set_champion(outcome.version, reason="--champion at training")
-        print(f"champion -> {pointer['version']}")
+    registry = ModelRegistry(cfg.registry)
+    code = 0
+    try:
+        say_decision(champion_after_training(registry, outcome.version, pinned=args.champion))
+    except PromotionLockBusy as exc:  # --champion while another process moves the pointer: the version stays
+        code = report_expected(exc)
+    pointer = registry.champion()
     print(f"version: {outcome.version}")
-    return 0
+    print(next_command(cfg.data, cfg.registry, outcome.version,
+                       champion=pointer is not None and pointer["version"] == outcome.version))
+    return code
 
 
 def run(argv: list[str] | None = None) -> int:
-    from lumbar_ray.runtime import run_job
-
     return run_job(get_args_parser, main, argv)
 
 

@@ -27,7 +27,7 @@ from lumbar_ray.models.registry import ModelRegistry
 from lumbar_ray.outputs.store import select_scores
 from lumbar_ray.scoring.study import ModelBundle, score_in_process
 from lumbar_ray.training.cv import run_training
-from lumbar_ray.training.promotion import Decision, promote_if_unchanged, record_decision
+from lumbar_ray.training.promotion import FIRST_VERSION, Decision, promote_if_unchanged, record_decision
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def verdict(challenger_score: float, champion_score: float | None, margin: float
             champion: str | None) -> tuple[bool, str]:
     """(whether the challenger should become the champion, why)."""
     if champion_score is None:
-        return True, "no champion yet"
+        return True, FIRST_VERSION
     if challenger_score <= champion_score - margin:
         return True, f"better by {champion_score - challenger_score:.4f} >= margin {margin}"
     return False, (f"not better by the margin: {champion_score - challenger_score:+.4f} < {margin}; "

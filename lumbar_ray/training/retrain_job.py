@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
     args.out = args.registry
     cfg = RetrainConfig(train=train_job.config_from_args(args), margin=args.margin,
                         holdout_fraction=args.holdout_fraction)
+    train_job.require_training_data(cfg.train)
     with ray_session(args.address, num_cpus=args.num_cpus):
         decision = run_retrain(cfg, echo=print)
     print(f"challenger: {decision.challenger}  champion before: {decision.champion}  promoted: {decision.promoted}")
