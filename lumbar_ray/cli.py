@@ -125,14 +125,22 @@ def champion(
     set_version: Optional[str] = typer.Option(None, "--set", help="Pin this version as champion (promote or roll back)."),
     reason: str = typer.Option("set by an operator", help="Recorded with the pointer."),
 ) -> None:
-    """Show the champion, the versions and the recorded decisions; --set pins or rolls back."""
+    """Show the champion, the versions and the recorded decisions; --set pins or rolls back
+    (under the promotion lock, recorded as a decision). Exit 3: lock held; 4: unknown version."""
     from lumbar_ray.models.registry import ModelRegistry
-    from lumbar_ray.training.promotion import decisions
+    from lumbar_ray.runtime import report_expected
+    from lumbar_ray.training.promotion import decisions, pin_champion
 
     reg = ModelRegistry(registry)
     if set_version:
-        pointer = reg.set_champion(set_version, reason=reason)
-        typer.echo(f"champion -> {pointer['version']} ({pointer['reason']})")
+        try:
+            decision = pin_champion(reg, set_version, reason=reason, by="champion --set")
+        except Exception as exc:
+            code = report_expected(exc)
+            if code is None:
+                raise
+            raise typer.Exit(code) from None
+        typer.echo(f"champion -> {decision.challenger} ({decision.reason}; was {decision.champion})")
         return
     typer.echo(json.dumps({"champion": reg.champion(), "versions": reg.versions(), "decisions": decisions(reg)},
                           indent=2, default=str))
@@ -143,12 +151,33 @@ def export_kaggle_cmd(
     scores: str = typer.Option(..., help="Scoring output root."),
     to: Path = typer.Option(..., help="submission.csv to write."),
     model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
+    data: Optional[str] = typer.Option(None, help="Data root: the submission is every study of --split there."),
+    split: str = typer.Option("test", help="With --data: which split's studies."),
+    fill_prior: bool = typer.Option(False, "--fill-prior", help="Give the rows of failed or missing studies the "
+                                    "weighted prior (counted on stderr) instead of refusing."),
+    models: Optional[str] = typer.Option(None, help="With --fill-prior: the registry whose model card holds the "
+                                         "version's priors (default: the uniform prior, weighted)."),
 ) -> None:
-    """Write the exact Kaggle submission: row_id,normal_mild,moderate,severe; 25 rows a study."""
-    from lumbar_ray.outputs.kaggle import export_kaggle
+    """Write the exact Kaggle submission: row_id,normal_mild,moderate,severe; 25 rows a study.
+    Refuses (exit 6) when a study lacks rows, unless --fill-prior."""
+    from lumbar_ray.dicom.errors import DicomReadError
+    from lumbar_ray.dicom.read import list_studies
+    from lumbar_ray.errors import EXIT_DATA, EXIT_USAGE, UserError, exit_code_of
+    from lumbar_ray.outputs.kaggle import write_submission
 
-    frame = export_kaggle(scores, str(to), model_version=model_version)
-    typer.echo(f"wrote {len(frame)} rows ({len(frame) // 25} studies) to {to}")
+    try:
+        studies = list_studies(data, split=split) if data is not None else None
+        result = write_submission(scores, str(to), model_version=model_version, studies=studies,
+                                  fill_prior=fill_prior, registry=models)
+    except (UserError, ValueError, DicomReadError) as exc:  # the user's to fix: one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        # incomplete (6) and registry (4) errors carry their code; a bad --data is a data error,
+        # any other ValueError here one of the arguments (a version or study not in the output)
+        raise typer.Exit(exit_code_of(exc) or (EXIT_DATA if isinstance(exc, DicomReadError) else EXIT_USAGE)) from None
+    if result.filled_rows:
+        typer.echo(f"filled {result.filled_rows} rows of {len(result.filled_studies)} studies with "
+                   f"{result.prior_source}", err=True)
+    typer.echo(f"wrote {len(result.submission)} rows ({result.n_studies} studies) to {to}")
 
 
 @app.command()

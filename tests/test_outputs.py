@@ -17,11 +17,11 @@ import lumbar_ray
 from lumbar_ray import storage
 from lumbar_ray.metrics import rsna as metrics
 from lumbar_ray.outputs.evaluation import evaluate_scores
-from lumbar_ray.outputs.kaggle import export_kaggle
+from lumbar_ray.outputs.kaggle import IncompleteSubmissionError, export_kaggle, write_submission
 from lumbar_ray.outputs.query import query
 from lumbar_ray.outputs.schema import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, SchemaError, to_predictions_table
 from lumbar_ray.outputs.store import OutputWriter, part_paths, read_errors, read_predictions, scored_studies, select_scores
-from lumbar_ray.targets import PROBABILITY_COLUMNS, TARGETS
+from lumbar_ray.targets import PROBABILITY_COLUMNS, SEVERITY_WEIGHTS, TARGET_COLUMNS, TARGETS
 
 LABELS_CSV = Path(lumbar_ray.__file__).parent / "data" / "rsna2024_train_labels.csv.gz"
 PROBS = list(PROBABILITY_COLUMNS)
@@ -268,11 +268,98 @@ def test_export_kaggle_refusals(tmp_path):
         export_kaggle(out, tmp_path / "s.csv", model_version="v3")
     with pytest.raises(ValueError, match=r"incomplete studies: 7 \(24 of 25 rows\); study 7 lacks 'spinal_canal_stenosis_l1_l2'"):
         export_kaggle(pd.concat([many(["6"]), many(["7"]).iloc[1:]]), tmp_path / "s.csv")
-    with pytest.raises(ValueError, match=r"requested studies: '3'"):
+    with pytest.raises(IncompleteSubmissionError, match=r"not scored: '3'"):
         export_kaggle(out, tmp_path / "s.csv", model_version="v1", studies=[1, 3])
+    with pytest.raises(IncompleteSubmissionError, match=r"none of the 1 studies asked for has predictions"):
+        export_kaggle(out, tmp_path / "s.csv", model_version="v1", studies=[3], fill_prior=True)
     assert len(export_kaggle(out, tmp_path / "s.csv", model_version="v1", studies=[2])) == 25
     with pytest.raises(ValueError, match="no predictions"):
         export_kaggle(tmp_path / "empty", tmp_path / "s.csv")
+
+
+def test_export_kaggle_refuses_studies_with_only_error_rows(tmp_path):
+    out = tmp_path / "out"
+    with OutputWriter(out, "r", "v1") as w:
+        w.write(many(["1", "2"]), error_rows(["2"]))  # study 2: scored, with a recorded problem
+        w.write(None, error_rows(["30", "4"]))  # studies 30 and 4 failed as a whole
+    OutputWriter(out, "r", "v0").write(None, error_rows(["5"]))  # another version's failure: not ours
+    with pytest.raises(IncompleteSubmissionError) as info:
+        export_kaggle(out, tmp_path / "s.csv", model_version="v1")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("2 studies lack their 25 prediction rows of model version 'v1': "
+                              "only error rows: '4', '30';")
+    assert "--fill-prior" in message and "'5'" not in message and "'2'" not in message
+    assert not (tmp_path / "s.csv").exists()
+    # The studies asked for (e.g. a split's) that the output never saw are named too.
+    with pytest.raises(IncompleteSubmissionError, match=r"3 studies lack .*only error rows: '4', '30'; not scored: '6'"):
+        export_kaggle(out, tmp_path / "s.csv", model_version="v1", studies=["1", "2", "4", "6", "30"])
+
+
+def test_export_kaggle_fill_prior(tmp_path, caplog):
+    out = tmp_path / "out"
+    with OutputWriter(out, "r", "v1") as w:
+        w.write(many(["10", "2"]), error_rows(["3"]))
+    with caplog.at_level(logging.WARNING, logger="lumbar_ray.outputs.kaggle"):
+        result = write_submission(out, tmp_path / "s.csv", studies=["2", "3", "10", "7"], fill_prior=True)
+    assert "filled 50 rows of 2 studies" in caplog.text
+    assert (result.filled_studies, result.filled_rows, result.n_studies) == (["3", "7"], 50, 4)
+    assert result.model_version == "v1" and "uniform prior, weighted" in result.prior_source
+    back = pd.read_csv(tmp_path / "s.csv", dtype={"row_id": str})
+    assert back["row_id"].tolist() == [t.row_id(s) for s in ("2", "3", "7", "10") for t in TARGETS]
+    filled = back[back["row_id"].str.startswith(("3_", "7_"))]
+    weights = np.asarray(SEVERITY_WEIGHTS) / sum(SEVERITY_WEIGHTS)  # no card: the uniform prior, weighted
+    np.testing.assert_allclose(filled[PROBS].to_numpy(), np.tile(weights, (50, 1)), rtol=1e-12)
+    scored = back[back["row_id"].str.startswith("2_")][PROBS].to_numpy()
+    src = select_scores(out).query("study_id == '2'")[PROBS].to_numpy()
+    np.testing.assert_allclose(scored, src / src.sum(axis=1, keepdims=True), rtol=1e-12)
+
+
+def test_fill_prior_uses_the_model_cards_weighted_prior(tmp_path):
+    from lumbar_ray.models.registry import ModelRegistry
+
+    labels = pd.read_csv(LABELS_CSV)
+    priors = metrics.prior_baseline(labels)  # what training stores in the card
+    # The card's prior, weighted, is exactly the weighted-prior baseline of the same labels.
+    expected = metrics.weighted_prior_baseline(labels)
+    pd.testing.assert_frame_equal(metrics.weighted_prior_from_card(
+        {c: priors.loc[c].tolist() for c in priors.index}), expected, rtol=1e-12)
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    registry.publish("v1", {}, {"priors": {c: priors.loc[c].tolist() for c in priors.index}})
+    out = tmp_path / "out"
+    with OutputWriter(out, "r", "v1") as w:
+        w.write(many(["1"]), error_rows(["2"]))
+    result = write_submission(out, tmp_path / "s.csv", fill_prior=True, registry=registry.root)
+    assert result.filled_studies == ["2"] and result.prior_source == "the priors of model card v1, weighted"
+    filled = result.submission[result.submission["row_id"].str.startswith("2_")]
+    np.testing.assert_allclose(filled[PROBS].to_numpy(), expected.loc[list(TARGET_COLUMNS), PROBS].to_numpy(),
+                               rtol=1e-12)
+
+
+def test_export_kaggle_cli_refuses_or_fills(tmp_path):
+    from typer.testing import CliRunner
+
+    from lumbar_ray.cli import app
+
+    out = tmp_path / "out"
+    with OutputWriter(out, "r", "v1") as w:
+        w.write(many(["1"]), error_rows(["2"]))
+    (tmp_path / "data" / "test_images" / "1").mkdir(parents=True)
+    (tmp_path / "data" / "test_images" / "9").mkdir()
+    runner = CliRunner()
+    csv = tmp_path / "s.csv"
+    result = runner.invoke(app, ["export-kaggle", "--scores", str(out), "--to", str(csv)])
+    assert result.exit_code == 6 and not csv.exists()  # EXIT_INCOMPLETE
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: 1 study lacks") and "only error rows: '2'" in lines[0]
+    result = runner.invoke(app, ["export-kaggle", "--scores", str(out), "--to", str(csv),
+                                 "--data", str(tmp_path / "data"), "--split", "test"])
+    assert result.exit_code == 6 and "not scored: '9'" in result.output and "'2'" not in result.output
+    result = runner.invoke(app, ["export-kaggle", "--scores", str(out), "--to", str(csv), "--fill-prior"])
+    assert result.exit_code == 0, result.output
+    assert "filled 25 rows of 1 studies with no model card: the uniform prior, weighted" in result.output
+    assert "wrote 50 rows (2 studies)" in result.output
+    assert len(pd.read_csv(csv)) == 50
 
 
 def test_rerun_without_resume_keeps_latest_run(tmp_path, caplog):
@@ -323,7 +410,9 @@ def test_remote_root_roundtrip_and_query():
     got = query(out, "SELECT count(DISTINCT study_id) AS s, count(*) AS n FROM predictions")
     assert got.to_dict("records") == [{"s": 2, "n": 50}]
     assert query(out, "SELECT study_id FROM errors")["study_id"].tolist() == ["3"]
-    assert len(export_kaggle(out, out + "/submission.csv")) == 50
+    with pytest.raises(IncompleteSubmissionError, match="only error rows: '3'"):  # study 3 failed
+        export_kaggle(out, out + "/submission.csv")
+    assert len(export_kaggle(out, out + "/submission.csv", fill_prior=True)) == 75
     assert storage.read_bytes(out + "/submission.csv").startswith(b"row_id,normal_mild,moderate,severe\n")
 
 

@@ -381,6 +381,28 @@ def weighted_prior_baseline(train_labels: pd.DataFrame, pseudo_count: float = 1.
     return prior_baseline(train_labels, pseudo_count, weighted=True)
 
 
+# What the scoring path gives a target its model card has no prior for (scoring.study.study_rows).
+UNIFORM_PRIOR: tuple[float, ...] = tuple(1.0 / len(PROBS) for _ in PROBS)
+
+
+def weighted_prior_from_card(priors: Mapping[str, Sequence[float]] | None) -> pd.DataFrame:
+    """Per target, the weighted prior derived from a model card's ``priors`` (the card stores
+    :func:`prior_baseline` of its training labels): probabilities proportional to
+    ``SEVERITY_WEIGHTS * prior``. With the card's pseudo-count of 1 that equals
+    :func:`weighted_prior_baseline` of the same labels exactly (both are proportional to
+    ``w_c * (n_c + 1)``). A target without a prior (or no card at all) gets the scoring path's
+    fallback, :data:`UNIFORM_PRIOR`, weighted alike: (1/7, 2/7, 4/7)."""
+    priors = priors or {}
+    rows = np.array([priors.get(c, UNIFORM_PRIOR) for c in TARGET_COLUMNS], dtype=np.float64)
+    if rows.shape != (len(TARGET_COLUMNS), len(PROBS)) or not np.isfinite(rows).all() or (rows < 0).any():
+        raise ValueError(f"priors must hold {len(PROBS)} finite probabilities >= 0 per target")
+    weighted = rows * np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
+    sums = weighted.sum(axis=1, keepdims=True)
+    if not (sums > 0).all():
+        raise ValueError("priors must not be all 0 for a target")
+    return pd.DataFrame(weighted / sums, index=pd.Index(TARGET_COLUMNS, name="column"), columns=PROBS)
+
+
 def baseline_predictions(table: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     """A long prediction frame for every (study, target) of ``labels``, probabilities from a
     per-target ``table`` (:func:`majority_baseline` / :func:`prior_baseline`)."""

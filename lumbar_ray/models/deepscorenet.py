@@ -27,6 +27,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from lumbar_ray.targets import SEVERITIES
 
 NUM_CLASSES = len(SEVERITIES)
+# The "kind" of a shipped DeepScoreNet weights file (training.scorer_loop.scorer_weights_bytes).
+SCORER_KIND = "deepscorenet"
 # Keras BatchNormalization defaults: epsilon=1e-3, momentum=0.99 (moving = 0.99*moving + 0.01*batch).
 KERAS_BN_EPS = 1e-3
 

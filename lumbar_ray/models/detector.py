@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MODEL_YAML",
     "DetectionLoss",
     "build_detector",
+    "detector_from_checkpoint",
     "import_ultralytics",
     "load_detector",
     "make_loss_fn",
@@ -207,11 +208,18 @@ def prepare_detector_for_inference(model: nn.Module) -> nn.Module:
 
 def load_detector(path, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild a detector saved by :func:`save_detector` (eval mode, on ``device``)."""
-    DetectionModel, get_cfg, _, _ = import_ultralytics()
     with _open(path, "rb") as f:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    return detector_from_checkpoint(ckpt, device, name=str(path))
+
+
+def detector_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device | str = "cpu",
+                             name: str = "checkpoint") -> nn.Module:
+    """The detector of a checkpoint dict as :func:`save_detector` writes it (eval mode, on
+    ``device``); :func:`lumbar_ray.models.compat.check_detector_checkpoint` checks one first."""
+    DetectionModel, get_cfg, _, _ = import_ultralytics()
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a lumbar-ray detector checkpoint (format={ckpt.get('format')!r})")
+        raise ValueError(f"{name}: not a lumbar-ray detector checkpoint (format={ckpt.get('format')!r})")
     model = DetectionModel(copy.deepcopy(ckpt["yaml"]), ch=3, nc=int(ckpt["nc"]), verbose=False)
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.names = {int(k): v for k, v in ckpt["names"].items()}

@@ -56,6 +56,7 @@ __all__ = [
     "read_errors",
     "scored_studies",
     "select_scores",
+    "in_study_order",
     "normalised_probabilities",
 ]
 
@@ -337,7 +338,12 @@ def select_scores(
     if unknown:
         raise ValueError(f"scores from {source}: unknown targets {format_examples(unknown)}")
     frame["target_index"] = frame["column"].map(_TARGET_INDEX).astype(np.int64)
-    frame = _one_run_per_study(frame, source)
+    return in_study_order(_one_run_per_study(frame, source))
+
+
+def in_study_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (study_id as text, target_index) sorted by study (numerically when every id is
+    digits, as Kaggle's are) then targets-table order, with a fresh index."""
     order = _study_order(frame["study_id"])
     frame = frame.assign(_study_rank=frame["study_id"].map(order))
     frame = frame.sort_values(["_study_rank", "target_index"], kind="stable").drop(columns="_study_rank")

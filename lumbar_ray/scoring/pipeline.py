@@ -22,6 +22,7 @@ import ray
 
 from lumbar_ray.config import ScoreConfig
 from lumbar_ray.dicom.read import list_studies, load_descriptions, read_study
+from lumbar_ray.models.compat import check_version
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 from lumbar_ray.outputs.store import OutputWriter, scored_studies
 from lumbar_ray.scoring.output_lock import OutputLock
@@ -210,7 +211,13 @@ def run_scoring(cfg: ScoreConfig, echo: Callable[[str], None] = log.info) -> Sco
     if not ray.is_initialized():
         raise RuntimeError("run_scoring needs a Ray runtime: call ray.init() first (jobs/score.py does)")
     root, version = parse_model_spec(cfg.models)
-    model_version = ModelRegistry(root).resolve(version)
+    registry = ModelRegistry(root)
+    model_version = registry.resolve(version)
+    # Every weight file against the card, here and before the output is touched: a version that
+    # does not fit stops the run with one message naming the file, instead of failing in every
+    # actor (or scoring with the wrong classes) after the lock and the listing.
+    checked = check_version(registry, model_version)
+    echo(f"[score] model {model_version}: {len(checked)} weight files fit the card's architecture")
     # Pin the version so every actor loads the same one even if the champion moves meanwhile.
     cfg = dataclasses.replace(cfg, models=f"{root}@{model_version}")
     run_id = cfg.run_id or time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

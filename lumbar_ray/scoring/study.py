@@ -16,6 +16,12 @@ import pandas as pd
 from lumbar_ray.config import SCORER, detector_job
 from lumbar_ray.dicom.read import load_descriptions, read_study
 from lumbar_ray.models import ultralytics_env
+from lumbar_ray.models.compat import (
+    IncompatibleModelError,
+    check_detector_checkpoint,
+    check_scorer_payload,
+    read_weights,
+)
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 from lumbar_ray.targets import PROBABILITY_COLUMNS, SERIES_TYPES, TARGETS
 
@@ -65,11 +71,16 @@ class ModelBundle:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         local = Path(cache_dir or tempfile.mkdtemp(prefix="lumbar-ray-models-")) / version
         models = manifest.get("models", {})
-        detectors = load_detectors(registry, version, models, local, device) if "detectors" in parts else {}
+        spec = manifest.get("input_spec") or {}
+        detectors = (load_detectors(registry, version, models, local, device, spec.get("detectors"))
+                     if "detectors" in parts else {})
         if SCORER not in models:
-            raise ValueError(f"registry version {version} has no scorer")
-        # The scorer's file also carries the crop settings, which detection needs for its crops.
-        payload = torch.load(registry.fetch(version, models[SCORER], local), map_location="cpu", weights_only=True)
+            raise IncompatibleModelError(f"registry version {version} has no scorer (models: {sorted(models)})")
+        # The scorer's file also carries the crop settings, which detection needs for its crops;
+        # it is checked against the card in every stage, since a wrong one would crop wrongly too.
+        file = registry.url("versions", version, models[SCORER])
+        payload = read_weights(registry.fetch(version, models[SCORER], local), file)
+        check_scorer_payload(payload, file, spec.get("scorer"))
         scorer = load_scorer(payload, device) if "scorer" in parts else None
         return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
                    crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
@@ -78,18 +89,23 @@ class ModelBundle:
 
 
 def load_detectors(registry: ModelRegistry, version: str, models: dict[str, str], local: Path,
-                   device: Any) -> dict[str, Any]:
+                   device: Any, declared: dict[str, Any] | None = None) -> dict[str, Any]:
     """{series type: detector ready for inference} of the detectors a version holds (``models``:
-    its manifest's {job: file}); their files are fetched (and checked) into ``local``."""
-    from lumbar_ray.models.detector import load_detector, prepare_detector_for_inference  # heavy: torch
+    its manifest's {job: file}); their files are fetched into ``local``, their sha256 checked,
+    and each checkpoint checked against the targets table and the card's ``declared``
+    ``input_spec.detectors`` (IncompatibleModelError) before it is loaded."""
+    from lumbar_ray.models.detector import detector_from_checkpoint, prepare_detector_for_inference  # heavy: torch
 
     ultralytics_env.configure()
     detectors = {}
     for series_type in SERIES_TYPES:
-        name = models.get(detector_job(series_type))
+        job = detector_job(series_type)
+        name = models.get(job)
         if name:
-            detector = load_detector(registry.fetch(version, name, local), device=device)
-            detectors[series_type] = prepare_detector_for_inference(detector)
+            file = registry.url("versions", version, name)
+            ckpt = read_weights(registry.fetch(version, name, local), file)
+            check_detector_checkpoint(ckpt, file, series_type, (declared or {}).get(job))
+            detectors[series_type] = prepare_detector_for_inference(detector_from_checkpoint(ckpt, device, file))
     return detectors
 
 

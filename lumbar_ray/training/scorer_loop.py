@@ -15,7 +15,7 @@ import torch
 
 from lumbar_ray.config import SCORER, ScorerConfig
 from lumbar_ray.models.deepscorenet import (
-    DeepScoreNet, FocalLoss, class_weights_from_labels, predict_proba,
+    SCORER_KIND, DeepScoreNet, FocalLoss, class_weights_from_labels, predict_proba,
 )
 from lumbar_ray.training.artifacts import HISTORY_FILE, OOF_FILE, weights_file
 from lumbar_ray.training.crop_data import CropDataset
@@ -113,7 +113,7 @@ def unwrap(model):
 def scorer_weights_bytes(model: DeepScoreNet, sc: ScorerConfig) -> bytes:
     """The shipped weights file: state dict plus the input spec the scoring side needs."""
     buffer = io.BytesIO()
-    torch.save({"kind": "deepscorenet", "state_dict": model.state_dict(), "in_channels": model.in_channels,
+    torch.save({"kind": SCORER_KIND, "state_dict": model.state_dict(), "in_channels": model.in_channels,
                 "channels": sc.channels, "crop_mm": sc.crop_mm, "crop_px": 32}, buffer)
     return buffer.getvalue()
 
