@@ -3,6 +3,7 @@ pixels (each class's best box per slice, or Ultralytics' NMS)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -124,7 +125,10 @@ def _nms_boxes(y: torch.Tensor, conf: float, iou: float, multi_label: bool, max_
     _, _, _, nms = import_ultralytics()
     # NMS on the host: Ultralytics runs it image by image, and on a GPU each image brings its
     # own small kernels and syncs, while the batch's raw output is a few MB to copy once.
-    kept = nms(y.float().cpu(), conf_thres=conf, iou_thres=iou, multi_label=multi_label, max_det=max_det)
+    # No time limit: Ultralytics stops NMS after 2 s + 50 ms an image and drops the images left,
+    # which on a busy machine lost detections (and made the best-box/NMS comparison test flaky).
+    kept = nms(y.float().cpu(), conf_thres=conf, iou_thres=iou, multi_label=multi_label, max_det=max_det,
+               max_time_img=math.inf)
     rows = [torch.cat([torch.full((len(d), 1), float(j)), d[:, 5:6], d[:, 4:5], (d[:, 0:2] + d[:, 2:4]) / 2,
                        d[:, 2:4] - d[:, 0:2]], dim=1) for j, d in enumerate(kept) if len(d)]
     return torch.cat(rows).numpy() if rows else np.zeros((0, 7), np.float32)
