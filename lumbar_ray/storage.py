@@ -7,8 +7,9 @@ local paths stay plain paths, URLs keep their protocol.
 S3 settings come from the environment, never from code:
 
 - credentials and region: the standard ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-  ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION`` (or a profile / instance role, as botocore finds
-  them);
+  ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION`` (or a profile, a shared credentials file, an
+  instance role, as botocore finds them). Ray workers take credentials from their own node: the
+  driver forwards storage settings to them, never credentials (:func:`storage_env`);
 - endpoint of a non-AWS server (SeaweedFS, MinIO, Ceph, ...): ``LUMBAR_RAY_S3_ENDPOINT``, else
   ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (e.g. ``http://127.0.0.1:8333``).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import uuid
 from typing import IO, Any
 
@@ -27,6 +29,12 @@ from fsspec import AbstractFileSystem
 
 __all__ = [
     "S3_ENDPOINT_ENV_VARS",
+    "STORAGE_ENV_VARS",
+    "STORAGE_ENV_PREFIXES",
+    "SECRET_ENV_NAME",
+    "is_forwarded_env_var",
+    "storage_env",
+    "ray_remote_args_with_storage_env",
     "is_url",
     "s3_endpoint",
     "storage_options_for",
@@ -256,14 +264,36 @@ def read_csv(path_or_url: str | os.PathLike, **kwargs: Any):
         return pd.read_csv(f, compression=compression, **kwargs)
 
 
-# Environment variables that say how to reach object storage; forwarded to Ray tasks and actors so
-# workers started before they were set (a long-running cluster, a test's runtime) see the same.
-STORAGE_ENV_PREFIXES: tuple[str, ...] = ("AWS_", "LUMBAR_RAY_S3_")
+# What the driver forwards to its Ray tasks and actors, so that workers started before these were
+# set (a long-running cluster, a test's runtime) reach the same storage: settings only, never
+# credentials. An allow-list of names that say where storage is and where a node finds its
+# credentials (endpoint, region, profile name, the path of a shared credentials/config file), and
+# on top of it a deny-list by name pattern, so that a secret never travels even if it is added to
+# the allow-list by mistake or hides under the ``LUMBAR_RAY_S3_`` prefix. Whatever travels in a
+# runtime env is written in plain text into the session's logs (runtime env agent, Ray Data) and
+# shown by the state API and the dashboard. Workers get credentials as botocore finds them on their
+# node: its environment, a mounted credentials file, an instance role.
+STORAGE_ENV_VARS: tuple[str, ...] = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
+    "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+)
+STORAGE_ENV_PREFIXES: tuple[str, ...] = ("LUMBAR_RAY_S3_",)
+# Names that hold (or point at) a secret: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN, AWS_SECURITY_TOKEN, AWS_WEB_IDENTITY_TOKEN_FILE, ... Never forwarded.
+SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|KEY", re.IGNORECASE)
+
+
+def is_forwarded_env_var(name: str) -> bool:
+    """True for a storage setting that may travel in a runtime env (see :data:`STORAGE_ENV_VARS`)."""
+    allowed = name in STORAGE_ENV_VARS or name.startswith(STORAGE_ENV_PREFIXES)
+    return allowed and not SECRET_ENV_NAME.search(name)
 
 
 def storage_env() -> dict[str, str]:
-    """The storage settings of this process's environment (see :data:`STORAGE_ENV_PREFIXES`)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+    """The storage settings of this process's environment that may travel to Ray workers: no
+    credentials (see :data:`STORAGE_ENV_VARS` and :data:`SECRET_ENV_NAME`)."""
+    return {k: v for k, v in os.environ.items() if is_forwarded_env_var(k)}
 
 
 def ray_remote_args_with_storage_env(**remote_args: Any) -> dict[str, Any]:

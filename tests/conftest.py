@@ -18,6 +18,7 @@ def s3_server(tmp_path_factory):
     from s3server import start_s3_server
 
     server = start_s3_server(tmp_path_factory.mktemp("s3server"))
+    server.credentials_file = server.write_credentials_file(tmp_path_factory.mktemp("s3credentials") / "credentials")
     if server.kind != "seaweedfs" and os.environ.get("LUMBAR_RAY_TEST_S3", "").lower() != "moto":
         warnings.warn("SeaweedFS did not start; the S3 tests run against moto (no signature checks)")
     try:
@@ -28,11 +29,15 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
-    """Point lumbar_ray.storage (s3fs/botocore) at the test server for one test."""
-    for name in ("LUMBAR_RAY_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    """Point lumbar_ray.storage (s3fs/botocore) at the test server for one test, credentials
+    handed over as a cluster does: in a file (mode 0600) whose path alone is in the environment,
+    so that the driver forwards only that path to Ray workers started before (storage_env())."""
+    for name in ("LUMBAR_RAY_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(s3_server.credentials_file))
     return s3_server
 
 
@@ -103,6 +108,27 @@ def ray_runtime(killed_trials):
 
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=with_setup_hook(killed_trials[1]))
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_runtime_with_state_api(killed_trials):
+    """``ray_runtime`` with the dashboard process, which serves ``ray.util.state`` (on a free
+    port: another Ray instance on this machine may hold the default 8265). The state API needs
+    the runtime's address (``ray._private.worker._global_node.address``) when several run here."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=False,
              runtime_env=with_setup_hook(killed_trials[1]))
     try:
         yield ray

@@ -49,16 +49,28 @@ class S3Server:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    credentials_file: Path | None = None  # set by the s3_server fixture (write_credentials_file)
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment that points lumbar_ray.storage (s3fs/botocore) at this server."""
+        """Environment that points lumbar_ray.storage (s3fs/botocore) at this server: settings
+        only. The keys come from a credentials file (:meth:`write_credentials_file`), whose path
+        goes in ``AWS_SHARED_CREDENTIALS_FILE``, as a cluster mounts a secret on every node."""
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": self.region,
             "AWS_ENDPOINT_URL": self.endpoint,
         }
+
+    def write_credentials_file(self, path: str | os.PathLike) -> Path:
+        """Write this server's keys as the ``[default]`` profile of an AWS shared credentials file
+        readable by its owner only (mode 0600, set before the keys are written)."""
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"[default]\naws_access_key_id = {self.access_key}\n"
+                    f"aws_secret_access_key = {self.secret_key}\n")
+        return path
 
     def client(self):
         return _client(self.endpoint, self.access_key, self.secret_key, self.region)
