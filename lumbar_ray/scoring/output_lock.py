@@ -93,12 +93,27 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _parse_time(text) -> datetime | None:
+def parse_time(text) -> datetime | None:
+    """A lock's ISO timestamp as an aware datetime (naive ones are UTC); None if it is not one."""
     try:
         stamp = datetime.fromisoformat(str(text))
     except ValueError:
         return None
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def read_lock(path_or_url) -> dict | None:
+    """A lock file's content; None when there is no lock, {} when it cannot be parsed (being
+    written, or damaged)."""
+    try:
+        data = storage.read_bytes(path_or_url)
+    except FileNotFoundError:
+        return None
+    try:
+        held = json.loads(data)
+    except ValueError:
+        return {}
+    return held if isinstance(held, dict) else {}
 
 
 class OutputLock:
@@ -130,17 +145,8 @@ class OutputLock:
                            "heartbeat": _now().isoformat()}).encode()
 
     def read(self) -> dict | None:
-        """The lock's content; None when there is no lock, {} when it cannot be parsed (being
-        written, or damaged)."""
-        try:
-            data = storage.read_bytes(self.path)
-        except FileNotFoundError:
-            return None
-        try:
-            held = json.loads(data)
-        except ValueError:
-            return {}
-        return held if isinstance(held, dict) else {}
+        """The lock's content (see :func:`read_lock`)."""
+        return read_lock(self.path)
 
     def stale_reason(self, held: dict) -> str | None:
         """Why the holder of ``held`` is gone, or None while it may still be running."""
@@ -149,7 +155,7 @@ class OutputLock:
             if process_alive(pid, held.get("pid_start")):
                 return None  # alive here: never stale, whatever its heartbeat says
             return f"its process (pid {pid} on this host) is gone"
-        beat = _parse_time(held.get("heartbeat"))
+        beat = parse_time(held.get("heartbeat"))
         if beat is None:
             return None
         age = (_now() - beat).total_seconds()

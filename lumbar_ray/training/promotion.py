@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from lumbar_ray import storage
 from lumbar_ray.errors import BusyError
 from lumbar_ray.models.registry import ModelRegistry, RegistryError
-from lumbar_ray.scoring.output_lock import pid_namespace, process_alive, process_start
+from lumbar_ray.scoring.output_lock import parse_time, pid_namespace, process_alive, process_start, read_lock
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,8 @@ class PromotionLock:
                            "since": _now().isoformat()}).encode()
 
     def read(self) -> dict | None:
-        """The lock's content; None when there is no lock, {} when it cannot be parsed."""
-        try:
-            held = json.loads(storage.read_bytes(self.url))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        return held if isinstance(held, dict) else {}
+        """The lock's content (see :func:`read_lock`)."""
+        return read_lock(self.url)
 
     def stale_reason(self, held: dict) -> str | None:
         """Why the holder of ``held`` is gone, or None while it may still be running."""
@@ -113,11 +107,9 @@ class PromotionLock:
             if process_alive(pid, held.get("pid_start")):
                 return None
             return f"its process (pid {pid} on this host) is gone"
-        try:
-            since = datetime.fromisoformat(str(held.get("since")))
-        except ValueError:
+        since = parse_time(held.get("since"))
+        if since is None:
             return None
-        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
         age = (_now() - since).total_seconds()
         if age > self.stale_after_s:
             return f"it was taken {age:.0f} s ago (expires after {self.stale_after_s:.0f} s)"
