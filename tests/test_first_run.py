@@ -31,17 +31,9 @@ from lumbar_ray.training.promotion import (
     decisions,
     pin_champion,
 )
+from registries import registry_with_versions
 
 LUMBAR_RAY = Path(sys.executable).parent / "lumbar-ray"
-
-
-def _registry(root, *versions):
-    registry = ModelRegistry(str(root))
-    for version in versions:
-        weights = root.parent / f"{root.name}-{version}.pt"
-        weights.write_bytes(version.encode())
-        registry.publish(version, {"scorer.pt": weights}, {"metrics": {}})
-    return registry
 
 
 def _kaggle_root(root, split="train"):
@@ -76,7 +68,7 @@ def _one_error_line(err):
 
 
 def test_first_version_into_an_empty_registry_becomes_champion_and_is_recorded(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1")
+    registry = registry_with_versions(tmp_path / "reg", "v1")
     decision = champion_after_training(registry, "v1", pinned=False)
     assert decision.promoted and decision.reason == FIRST_VERSION and decision.by == "train"
     assert registry.champion()["version"] == "v1" and registry.champion()["reason"] == FIRST_VERSION
@@ -86,7 +78,7 @@ def test_first_version_into_an_empty_registry_becomes_champion_and_is_recorded(t
 
 
 def test_a_later_version_does_not_replace_the_champion_unless_pinned(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1", "v2", "v3")
+    registry = registry_with_versions(tmp_path / "reg", "v1", "v2", "v3")
     champion_after_training(registry, "v1", pinned=False)
     assert champion_after_training(registry, "v2", pinned=False) is None
     assert registry.champion()["version"] == "v1" and len(decisions(registry)) == 1
@@ -96,7 +88,7 @@ def test_a_later_version_does_not_replace_the_champion_unless_pinned(tmp_path):
 
 
 def test_first_version_stays_out_while_the_lock_is_held_and_that_is_recorded(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1")
+    registry = registry_with_versions(tmp_path / "reg", "v1")
     with PromotionLock(registry, owner="other"):
         decision = champion_after_training(registry, "v1", pinned=False)
     assert not decision.promoted and "held by other" in decision.reason
@@ -104,7 +96,7 @@ def test_first_version_stays_out_while_the_lock_is_held_and_that_is_recorded(tmp
 
 
 def test_champion_set_goes_through_the_lock_and_records_a_decision(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1", "v2")
+    registry = registry_with_versions(tmp_path / "reg", "v1", "v2")
     pin_champion(registry, "v1", reason="start", by="champion --set")
     with PromotionLock(registry, owner="retrain v9"):
         with pytest.raises(PromotionLockBusy, match=r"held by retrain v9 .* expires"):
@@ -116,14 +108,14 @@ def test_champion_set_goes_through_the_lock_and_records_a_decision(tmp_path):
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1")
+    registry = registry_with_versions(tmp_path / "reg", "v1")
     lock = _lock_file(registry, host=socket.gethostname(), pid_ns=pid_namespace(), pid=_dead_pid())
     pin_champion(registry, "v1", reason="after a crash", by="champion --set")
     assert registry.champion()["version"] == "v1" and not lock.exists()
 
 
 def test_a_lock_from_another_host_expires_by_age(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1")
+    registry = registry_with_versions(tmp_path / "reg", "v1")
     lock = _lock_file(registry, host="elsewhere", pid=1)
     with pytest.raises(PromotionLockBusy, match="held by ghost"):
         pin_champion(registry, "v1", reason="x", by="champion --set")
@@ -134,7 +126,7 @@ def test_a_lock_from_another_host_expires_by_age(tmp_path):
 
 
 def test_a_live_holder_on_this_host_is_never_taken_over(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1")
+    registry = registry_with_versions(tmp_path / "reg", "v1")
     old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
     _lock_file(registry, host=socket.gethostname(), pid_ns=pid_namespace(), pid=os.getpid(), since=old)
     with pytest.raises(PromotionLockBusy):
@@ -150,7 +142,7 @@ def test_train_makes_the_first_version_champion_and_prints_the_score_command(tmp
     data, reg = _kaggle_root(tmp_path / "data"), tmp_path / "reg"
 
     def fake_training(cfg, echo):
-        _registry(Path(cfg.registry), "v1")
+        registry_with_versions(Path(cfg.registry), "v1")
         return SimpleNamespace(version="v1", report="(cv report)")
 
     monkeypatch.setattr(cv, "run_training", fake_training)
@@ -176,7 +168,7 @@ def test_score_without_a_champion_or_with_an_unknown_version(tmp_path, capsys):
     run = lambda models: score_job.run(["--input", str(data), "--models", models, "--out", str(tmp_path / "o")])  # noqa: E731
     assert run(str(reg)) == EXIT_REGISTRY
     assert "holds no versions; train one first" in _one_error_line(capsys.readouterr().err)
-    _registry(reg, "v1")
+    registry_with_versions(reg, "v1")
     assert run(str(reg)) == EXIT_REGISTRY
     assert "has no champion" in _one_error_line(capsys.readouterr().err)
     assert run(f"{reg}@v9") == EXIT_REGISTRY
@@ -184,7 +176,7 @@ def test_score_without_a_champion_or_with_an_unknown_version(tmp_path, capsys):
 
 
 def test_score_and_train_with_missing_data(tmp_path, capsys):
-    _registry(tmp_path / "reg", "v1")
+    registry_with_versions(tmp_path / "reg", "v1")
     args = ["--models", f"{tmp_path / 'reg'}@v1", "--out", str(tmp_path / "o")]
     assert score_job.run(["--input", str(tmp_path / "nope"), *args]) == EXIT_DATA
     assert "does not exist" in _one_error_line(capsys.readouterr().err)
@@ -202,7 +194,7 @@ def test_score_on_a_busy_output(tmp_path, monkeypatch, capsys):
     import lumbar_ray.scoring.pipeline as pipeline
 
     data = _kaggle_root(tmp_path / "data", split="test")
-    _registry(tmp_path / "reg", "v1")
+    registry_with_versions(tmp_path / "reg", "v1")
 
     def fake_scoring(cfg, echo):
         with OutputLock(cfg.out, "second"):
@@ -223,7 +215,7 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
 
 
 def test_champion_command_errors(tmp_path):
-    registry = _registry(tmp_path / "reg", "v1")
+    registry = registry_with_versions(tmp_path / "reg", "v1")
     runner = CliRunner()
     result = runner.invoke(app, ["champion", "--registry", str(tmp_path / "reg"), "--set", "v9"])
     assert result.exit_code == EXIT_REGISTRY
@@ -238,7 +230,7 @@ def test_champion_command_errors(tmp_path):
 
 def test_the_installed_command_prints_one_line(tmp_path):
     """The real entry point, as a user runs it: `score` with a registry that has no champion."""
-    _registry(tmp_path / "reg", "v1")
+    registry_with_versions(tmp_path / "reg", "v1")
     proc = subprocess.run([str(LUMBAR_RAY), "score", "--input", str(tmp_path), "--models", str(tmp_path / "reg"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_REGISTRY, proc.stderr

@@ -7,15 +7,7 @@ import pytest
 from lumbar_ray.models.registry import ModelRegistry
 from lumbar_ray.training.promotion import PromotionLock, PromotionLockBusy, decisions, promote_if_unchanged
 from lumbar_ray.training.retrain import holdout_studies, is_holdout
-
-
-def _registry_with_versions(root, *versions):
-    registry = ModelRegistry(str(root))
-    for version in versions:
-        weights = root.parent / f"{root.name}-{version}.pt"
-        weights.write_bytes(version.encode())
-        registry.publish(version, {"scorer.pt": weights}, {"metrics": {}})
-    return registry
+from registries import registry_with_versions
 
 
 def test_holdout_membership_is_stable_and_proportional():
@@ -28,7 +20,7 @@ def test_holdout_membership_is_stable_and_proportional():
 
 
 def test_concurrent_promotions_cannot_both_win(tmp_path):
-    registry = _registry_with_versions(tmp_path / "reg", "v1", "v2", "v3")
+    registry = registry_with_versions(tmp_path / "reg", "v1", "v2", "v3")
     registry.set_champion("v1", reason="start")
     results = {}
     barrier = threading.Barrier(2)
@@ -52,7 +44,7 @@ def test_concurrent_promotions_cannot_both_win(tmp_path):
 
 
 def test_held_lock_refuses_promotion_and_changed_champion_is_detected(tmp_path):
-    registry = _registry_with_versions(tmp_path / "reg", "v1", "v2")
+    registry = registry_with_versions(tmp_path / "reg", "v1", "v2")
     registry.set_champion("v1", reason="start")
     with PromotionLock(registry, owner="someone-else"):
         with pytest.raises(PromotionLockBusy):
