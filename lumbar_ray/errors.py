@@ -11,6 +11,8 @@ keeps its traceback. Exit codes of every command:
     4  registry: no champion, unknown version, or a registry that cannot be read as one
     5  data: the data folder or URL is missing or not in the Kaggle layout
     6  incomplete: studies lack their 25 rows (``export-kaggle`` without ``--fill-prior``)
+    7  transient: storage did not answer after the bounded retries (timeouts, resets, refused
+       connections, 5xx, throttling); nothing is wrong with the data: rerun the same command
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ EXIT_BUSY = 3
 EXIT_REGISTRY = 4
 EXIT_DATA = 5
 EXIT_INCOMPLETE = 6
+EXIT_TRANSIENT = 7
 
 
 class UserError(Exception):
@@ -38,6 +41,15 @@ class DataLayoutError(UserError):
     """A data root (local folder or URL) is missing or lacks the Kaggle layout's files."""
 
     exit_code = EXIT_DATA
+
+
+class StorageUnavailableError(UserError):
+    """Storage kept failing with transient errors (timeouts, connection resets or refusals, 5xx,
+    throttling) through every bounded retry (``storage.retry_transient``). Nothing is known to be
+    wrong with the data, so a study that meets it is recorded as retryable, never scored from
+    what did arrive, and the same command run again later does the work."""
+
+    exit_code = EXIT_TRANSIENT
 
 
 def exit_code_of(exc: BaseException) -> int | None:

@@ -270,12 +270,12 @@ def read_image(
         path = os.fspath(path_or_url)
         shown = storage.to_url(fs, path)
     try:
-        size = fs.size(path)
+        size = storage.retry_transient(fs.size, path, what=f"reading {shown}")
     except FileNotFoundError:
         raise DicomReadError(shown, "file does not exist") from None
     if size is not None and size > limits.max_file_bytes:
         raise AbsurdImageSizeError(shown, f"file of {size} bytes exceeds {limits.max_file_bytes}")
-    ds = _parse(fs.cat_file(path), shown)
+    ds = _parse(storage.retry_transient(fs.cat_file, path, what=f"reading {shown}"), shown)
     _check_size(ds, shown, limits)
     pixels = decode_pixels(ds, shown)
     return DicomImage(shown, pixels, _header_only(ds))
@@ -376,22 +376,25 @@ def load_folder_slices(
     """Parse every file of a folder (headers + raw pixel bytes; nothing decoded yet).
 
     Returns (slices, skipped, folder_exists).
+
+    Storage failures that are transient (timeouts, resets, 5xx, throttling) are retried
+    (:func:`lumbar_ray.storage.cat_files`); if a file still cannot be fetched,
+    :class:`~lumbar_ray.errors.StorageUnavailableError` is raised: a series is never built from
+    the slices that happened to arrive. A file that is gone or unreadable for good is skipped
+    and recorded, as a corrupt one is.
     """
+    where = storage.to_url(fs, folder)
     try:
-        entries = fs.ls(folder, detail=True)
+        entries = storage.retry_transient(fs.ls, folder, detail=True, what=f"listing {where}")
     except FileNotFoundError:
         return [], [], False
     to_read, skipped = _files_to_read(fs, folder, entries, limits)
-    # One call: s3fs fetches the objects concurrently.
-    contents = fs.cat(to_read, on_error="return") if to_read else {}
-    if len(to_read) == 1 and not isinstance(contents, dict):
-        contents = {to_read[0]: contents}
+    # One call a round: s3fs fetches the objects concurrently.
+    contents = storage.cat_files(fs, to_read, what=f"reading {where}")
     slices: list[ParsedSlice] = []
     for name in to_read:
         url = storage.to_url(fs, name)
-        data = contents.get(name)
-        if data is None:
-            data = contents.get(fs._strip_protocol(name), FileNotFoundError(name))
+        data = contents[name]
         if isinstance(data, BaseException):
             skipped.append(SkippedFile(url, f"cannot read ({type(data).__name__}: {data})", "DicomReadError"))
             continue

@@ -40,8 +40,13 @@ def connect(out: str | os.PathLike):
             con.register(f"_{kind}_empty", schema.empty_table())
             con.execute(f"CREATE VIEW {kind} AS SELECT * FROM _{kind}_empty")
         elif local:
+            # By name: parts written before a column existed (errors.retryable) lack it.
             files = ", ".join(_sql_string(p) for p in dataset.files)
-            con.execute(f"CREATE VIEW {kind} AS SELECT * FROM read_parquet([{files}])")
+            con.execute(f"CREATE VIEW _{kind}_parts AS SELECT * FROM read_parquet([{files}], union_by_name = true)")
+            have = {row[0] for row in con.execute(f"DESCRIBE _{kind}_parts").fetchall()}
+            fill = "" if kind != "errors" else (" REPLACE (coalesce(retryable, false) AS retryable)" if "retryable" in have
+                                                 else ", false AS retryable")
+            con.execute(f"CREATE VIEW {kind} AS SELECT *{fill} FROM _{kind}_parts")
         else:
             con.register(f"_{kind}_dataset", dataset)
             con.execute(f"CREATE VIEW {kind} AS SELECT * FROM _{kind}_dataset")

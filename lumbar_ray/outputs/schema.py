@@ -71,6 +71,10 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("recorded_at", _UTC_US, nullable=False),
+        # True: storage failed transiently (after the retries); the study is not counted as
+        # scored and the next run of the same command scores it. Part files written before the
+        # column existed read it as null, which means false (store.read_table fills it).
+        pa.field("retryable", pa.bool_(), nullable=False),
     ]
 )
 
@@ -78,7 +82,7 @@ SCHEMAS = {PREDICTIONS: PREDICTIONS_SCHEMA, ERRORS: ERRORS_SCHEMA}
 _TIME_COLUMN = {PREDICTIONS: "scored_at", ERRORS: "recorded_at"}
 # Columns a table may leave out: the writer fills them (identity, time, derived row id, defaults).
 PREDICTIONS_OPTIONAL: tuple[str, ...] = ("row_id", "model_version", "run_id", "scored_at", "flags")
-ERRORS_OPTIONAL: tuple[str, ...] = ("series_id", "model_version", "run_id", "recorded_at")
+ERRORS_OPTIONAL: tuple[str, ...] = ("series_id", "model_version", "run_id", "recorded_at", "retryable")
 
 _CONDITION_SLUGS = tuple(c.slug for c in CONDITIONS)
 _EXAMPLES = 5
@@ -180,6 +184,10 @@ def _build_table(
     else:
         if "series_id" not in arrays:
             arrays["series_id"] = pa.chunked_array([pa.nulls(n, pa.string())])
+        if "retryable" in arrays:
+            arrays["retryable"] = pc.fill_null(arrays["retryable"], False)
+        else:
+            arrays["retryable"] = pa.chunked_array([pa.array([False] * n, pa.bool_())])
     for field in schema:
         if not field.nullable and arrays[field.name].null_count:
             raise SchemaError(f"{kind}: column {field.name!r} must not be null "
@@ -280,8 +288,8 @@ def to_errors_table(
     recorded_at: datetime | None = None,
 ) -> pa.Table:
     """Validate ``data`` and cast it to :data:`ERRORS_SCHEMA`. Optional columns:
-    :data:`ERRORS_OPTIONAL` (``series_id`` defaults to null). ``stage`` must be one of
-    :data:`STAGES`."""
+    :data:`ERRORS_OPTIONAL` (``series_id`` defaults to null, ``retryable`` to false). ``stage``
+    must be one of :data:`STAGES`."""
     table = _build_table(data, ERRORS, model_version=model_version, run_id=run_id,
                          timestamp=recorded_at or utc_now())
     _check_errors(table)

@@ -13,7 +13,8 @@ none. A writer validates and casts every table to its schema first
 (:mod:`lumbar_ray.outputs.schema`), so nothing invalid is ever written.
 
 Resume: :func:`scored_studies` lists the studies a model version has already written (in
-predictions or errors); a rerun skips them, so a study never appears twice. Reading tolerates
+predictions, or in errors that are not ``retryable``); a rerun skips them, so a study never
+appears twice, and scores again the studies that only storage failures kept from being scored. Reading tolerates
 duplicates anyway (a rerun without resume): :func:`select_scores` keeps the latest run of each study.
 """
 
@@ -210,7 +211,8 @@ def part_paths(out: str | os.PathLike, kind: str = PREDICTIONS) -> list[str]:
 def part_dataset(out: str | os.PathLike, kind: str) -> ds.Dataset | None:
     """A pyarrow dataset over the part files (None when there are none)."""
     fs, root = storage.filesystem_for(out)
-    paths = sorted(fs.glob(f"{root.rstrip('/')}/{kind}/part-*.parquet"))
+    paths = sorted(storage.retry_transient(fs.glob, f"{root.rstrip('/')}/{kind}/part-*.parquet",
+                                           what=f"listing {storage.join(out, kind)}"))
     if not paths:
         return None
     if storage.is_url(os.fspath(out)):
@@ -228,8 +230,15 @@ def read_table(
     run_id: str | None = None,
     columns: list[str] | None = None,
 ) -> pa.Table:
-    """One table as Arrow, optionally filtered; the empty table of the schema when there is none."""
+    """One table as Arrow, optionally filtered; the empty table of the schema when there is none.
+    Errors parts written before ``retryable`` existed read it as false. Transient storage
+    failures are retried (StorageUnavailableError past the bound)."""
     _check_kind(kind)
+    return storage.retry_transient(_read_table, out, kind, model_version, run_id, columns,
+                                   what=f"reading {storage.join(out, kind)}")
+
+
+def _read_table(out, kind: str, model_version: str | None, run_id: str | None, columns: list[str] | None) -> pa.Table:
     schema = SCHEMAS[kind]
     dataset = part_dataset(out, kind)
     if dataset is None:
@@ -243,7 +252,11 @@ def read_table(
     flt = None
     for cond in conditions:
         flt = cond if flt is None else flt & cond
-    return dataset.to_table(columns=columns, filter=flt)
+    table = dataset.to_table(columns=columns, filter=flt)
+    if "retryable" in table.column_names:  # null in parts older than the column: false
+        index = table.column_names.index("retryable")
+        table = table.set_column(index, table.schema.field(index), pc.fill_null(table.column(index), False))
+    return table
 
 
 def read_predictions(
@@ -262,14 +275,16 @@ def read_errors(
 
 
 def scored_studies(out: str | os.PathLike, model_version: str, *, include_errors: bool = True) -> set[str]:
-    """Study ids that ``model_version`` already has rows for under ``out`` (predictions, and
-    errors unless ``include_errors=False``, e.g. to retry studies that failed). A resumed run
-    skips them, so no study is written twice."""
-    done: set[str] = set()
-    kinds = (PREDICTIONS, ERRORS) if include_errors else (PREDICTIONS,)
-    for kind in kinds:
-        table = read_table(out, kind, model_version, columns=["study_id"])
-        done.update(pc.unique(table.column("study_id")).to_pylist())
+    """Study ids that ``model_version`` already has rows for under ``out``: predictions, and
+    errors unless ``include_errors=False`` (e.g. to retry studies that failed). A resumed run
+    skips them, so no study is written twice. Retryable error rows (storage failed transiently)
+    never count: a study that has only those is scored by the next run."""
+    table = read_table(out, PREDICTIONS, model_version, columns=["study_id"])
+    done: set[str] = set(pc.unique(table.column("study_id")).to_pylist())
+    if include_errors:
+        errors = read_table(out, ERRORS, model_version, columns=["study_id", "retryable"])
+        permanent = errors.filter(pc.invert(errors.column("retryable")))
+        done.update(pc.unique(permanent.column("study_id")).to_pylist())
     return done
 
 

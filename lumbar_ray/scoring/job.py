@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lumbar_ray.config import ScoreConfig
-from lumbar_ray.errors import EXIT_BUSY
+from lumbar_ray.errors import EXIT_BUSY, EXIT_TRANSIENT
 from lumbar_ray.models.registry import ModelRegistry, RegistryError, parse_model_spec
 from lumbar_ray.runtime import ray_session, report_expected, run_job
 from lumbar_ray.scoring.args import add_resource_args, resource_kwargs
@@ -26,7 +26,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None)
     add_resource_args(p)
     p.add_argument("--limit", type=int, default=None, help="score at most this many (new) studies")
-    p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows")
+    p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows (those whose rows are all retryable, "
+                        "storage having failed transiently, are scored again without it)")
     p.add_argument("--lock-wait", type=float, default=d.lock_wait_s,
                    help="seconds to wait while another run holds --out (its scoring.lock) before giving up")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
@@ -66,6 +67,11 @@ def main(args: argparse.Namespace) -> int:
         return report_expected(exc)
     print(f"run_id: {summary.run_id}  model_version: {summary.model_version}  "
           f"scored: {summary.n_scored}  failed: {summary.n_failed}  skipped (done before): {summary.n_skipped_done}")
+    if summary.n_retryable:
+        # Its own exit status, so that a RayJob's backoffLimit (or any scheduler) retries the run.
+        print(f"transient: {summary.n_retryable} studies failed transiently (storage did not answer); "
+              "rerunning the same command scores them", file=sys.stderr, flush=True)
+        return EXIT_TRANSIENT
     return 0
 
 

@@ -35,7 +35,7 @@ from lumbar_ray.scoring.study import (
     require_readable,
     study_rows,
 )
-from lumbar_ray.storage import ray_remote_args_with_storage_env
+from lumbar_ray.storage import is_transient, ray_remote_args_with_storage_env
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,21 @@ def pack_volumes(study) -> Any:
     return study
 
 
+def failure_row(study_id: str, stage: str, exc: BaseException) -> dict:
+    """The errors-table row of a study that failed as a whole, with ``retryable``: true when
+    storage failed transiently (after its bounded retries, StorageUnavailableError; or a raw
+    timeout/reset/5xx from a call outside them). Such a study is not counted as scored, so the
+    next run of the same command scores it."""
+    return {**error_row(study_id, stage, exc), "retryable": is_transient(exc)}
+
+
+def error_rows_frame(rows: list[dict], version: str, run_id: str, recorded_at: pd.Timestamp) -> pd.DataFrame:
+    """:func:`error_frame` with each row's ``retryable`` (false where a row has none)."""
+    frame = error_frame(rows, version, run_id, recorded_at)
+    frame["retryable"] = [bool(row.get("retryable", False)) for row in rows]
+    return frame
+
+
 def read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
     """A read task over one study: its row, with a StudyItem holding the study or its error."""
     study_id = str(row["study_id"])
@@ -82,7 +97,7 @@ def read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame 
         require_readable(study)
         item = StudyItem(study_id, study=pack_volumes(study))
     except Exception as exc:  # recorded, never raised: one bad study must not stop the job
-        item = StudyItem(study_id, error=error_row(study_id, "read", exc))
+        item = StudyItem(study_id, error=failure_row(study_id, "read", exc))
     return {"study_id": study_id, "item": item}
 
 
@@ -107,7 +122,7 @@ class DetectStage:
                 try:
                     item.detected = detect_study(self.bundle, item.study, batch_size=self.slice_batch)
                 except Exception as exc:
-                    item.error = error_row(item.study_id, "detect", exc)
+                    item.error = failure_row(item.study_id, "detect", exc)
                 item.study = None  # the volumes are not needed downstream
             items.append(item)
         return {"study_id": batch["study_id"], "item": object_array(items)}
@@ -131,13 +146,13 @@ class ScoreStage:
         for item in items:
             detected = item.detected
             if detected is None:
-                item.errors = error_frame([item.error], version, self.run_id, now)
+                item.errors = error_rows_frame([item.error], version, self.run_id, now)
                 continue
             n = len(detected.crops)
             item.predictions = study_rows(detected, probs[offset:offset + n], version, self.bundle.priors,
                                           self.run_id, now)
             offset += n
-            item.errors = error_frame(detected.errors, version, self.run_id, now)
+            item.errors = error_rows_frame(detected.errors, version, self.run_id, now)
             item.detected = None
         return {"study_id": batch["study_id"], "item": object_array(items)}
 
@@ -161,6 +176,9 @@ class ScoreSummary:
     seconds: float
     prediction_rows: int
     problems: list[str] = field(default_factory=list)
+    # Of n_failed: studies whose only rows are retryable (storage failed transiently); the next
+    # run of the same command scores them.
+    n_retryable: int = 0
 
     @property
     def studies_per_s(self) -> float:
@@ -237,6 +255,7 @@ class PartFiles:
     n_scored: int = 0
     n_with_errors: int = 0
     n_failed: int = 0
+    n_retryable: int = 0  # of n_failed: only retryable error rows (storage failed transiently)
     rows: int = 0
     pending: int = 0  # studies since the last flush
     predictions: list[pd.DataFrame] = field(default_factory=list)
@@ -251,6 +270,8 @@ class PartFiles:
             self.n_with_errors += int(errs is not None and len(errs) > 0)
         else:
             self.n_failed += 1
+            retryable = errs["retryable"] if errs is not None and "retryable" in errs else None
+            self.n_retryable += int(retryable is not None and len(retryable) > 0 and bool(retryable.all()))
         if errs is not None and len(errs):
             self.errors.append(errs)
         self.pending += 1
@@ -284,7 +305,8 @@ def score_holding_lock(cfg: ScoreConfig, run_id: str, model_version: str, lock: 
     parts.writer.close()
     seconds = time.time() - started
     summary = ScoreSummary(run_id, model_version, n_listed, n_done, parts.n_scored, parts.n_with_errors,
-                           parts.n_failed, seconds, parts.rows)
+                           parts.n_failed, seconds, parts.rows, n_retryable=parts.n_retryable)
     echo(f"[score] done: {parts.n_scored} scored ({parts.n_with_errors} with recorded problems), "
-         f"{parts.n_failed} failed, {parts.rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
+         f"{parts.n_failed} failed ({parts.n_retryable} of them transiently: storage), "
+         f"{parts.rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
     return summary
