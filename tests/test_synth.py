@@ -1,9 +1,11 @@
 """Synthetic RSNA 2024 studies: Kaggle schema, valid anonymous DICOM, geometry, determinism,
-anatomy that follows the labels, and the real label distribution."""
+anatomy that follows the labels, the real label distribution, realistic acquisition patterns
+(angled slabs, split axial, repeated sagittal, missing slices) and the pinned simple generator."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 from importlib import resources
 from pathlib import Path
@@ -15,10 +17,21 @@ import pytest
 from pydicom.uid import MRImageStorage, RLELossless
 
 from lumbar_ray.dicom.write import uid_for, write_mr_series
+from lumbar_ray.synth.phi import patient_tags
 from lumbar_ray.synth.contact_sheet import write_contact_sheet
-from lumbar_ray.synth.labels import sample_label_vectors
+from lumbar_ray.synth.anatomy import PatientModel
+from lumbar_ray.synth.labels import sample_label_vectors, severity_ids_of
 from lumbar_ray.metrics.labels import COORDINATE_COLUMNS
-from lumbar_ray.synth.writer import SERIES_COLUMNS, list_study_ids, study_ids_of, synthesize
+from lumbar_ray.synth.protocols import (
+    AXIAL_SLABS_SHARE,
+    AXIAL_SPLIT_SHARE,
+    MISSING_SLICE_SHARE,
+    OBLIQUE_SAGITTAL_SHARE,
+    REPEATED_SAGITTAL_SHARE,
+    AcquisitionPlan,
+    draw_plan,
+)
+from lumbar_ray.synth.writer import SERIES_COLUMNS, SynthConfig, draw_ids, list_study_ids, study_ids_of, study_rng, synthesize
 from lumbar_ray.targets import AXIAL_T2, CONDITIONS, LEVELS, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES, SEVERITIES, TARGET_COLUMNS, TARGETS
 
 SEED = 7
@@ -52,8 +65,8 @@ def labels_csv(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, labels_csv) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    summary = synthesize(out, N_STUDIES, SEED, size="small", labels_csv=labels_csv)
-    assert summary.n_studies == N_STUDIES and summary.n_series == 3 * N_STUDIES
+    summary = synthesize(out, N_STUDIES, SEED, size="small", labels_csv=labels_csv)  # realistic by default
+    assert summary.n_studies == N_STUDIES and summary.n_series >= 3 * N_STUDIES
     return out
 
 
@@ -98,7 +111,7 @@ def test_kaggle_schema(root, tables):
     assert set(coords.level) == set(LEVELS)
     assert set(series.series_description) == set(SERIES_TYPES)
     for _, g in series.groupby("study_id"):
-        assert sorted(g.series_description) == sorted(SERIES_TYPES)
+        assert set(g.series_description) == set(SERIES_TYPES)
     assert series.series_id.is_unique and not set(series.series_id) & set(train.study_id)
     assert (series.series_id > 0).all() and (series.series_id < 2**32).all()
     # same study order and per-study condition order as the real coordinates file
@@ -148,9 +161,13 @@ def test_dicom_files_valid_and_anonymous(root, tables):
         assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 0 and ds.SamplesPerPixel == 1
         assert int(ds.InstanceNumber) == int(path.stem)
         assert ds.SeriesDescription == desc[(study_id, series_id)]
-        assert ds.PatientID == str(study_id) and str(ds.get("PatientName", "")) == ""
+        # the patient elements hold sentinel PHI (tests/test_phi.py scans outputs and logs for it);
+        # nothing else identifying is written
+        for keyword, value in patient_tags(study_id).items():
+            assert str(ds.get(keyword)) == value, (path, keyword)
+        assert ds.PatientIdentityRemoved == "NO"
         for tag in IDENTIFYING:
-            assert tag not in ds, (path, tag)
+            assert tag in patient_tags(study_id) or tag not in ds, (path, tag)
         arr = ds.pixel_array
         assert arr.shape == (ds.Rows, ds.Columns) and arr.dtype == np.uint16 and arr.max() > 0
         assert ds.SOPInstanceUID not in sop_uids
@@ -258,7 +275,7 @@ def test_deterministic_and_prefix_stable(root, tmp_path, labels_csv, tables):
 
 def test_test_split_has_no_labels(tmp_path):
     s = synthesize(tmp_path, 1, 3, split="test", size="small")
-    assert s.n_coordinates == 0 and s.n_series == 3
+    assert s.n_coordinates == 0 and s.n_series >= 3
     assert study_ids_of(s) == list_study_ids(tmp_path, "test") and len(s.study_ids) == 1
     assert (tmp_path / "test_series_descriptions.csv").exists()
     assert not (tmp_path / "train.csv").exists() and not (tmp_path / "train_label_coordinates.csv").exists()
@@ -306,3 +323,232 @@ def test_write_mr_series_to_fsspec_and_rle():
     assert np.array_equal(ds.pixel_array, np.rint(vol[0]).astype(np.uint16))
     assert uid_for("a", 1) == uid_for("a", 1) != uid_for("a", 2)
     assert SAGITTAL_T1 in SERIES_TYPES and SAGITTAL_T2 in SERIES_TYPES
+
+
+# ------------------------------------------------------------------------------------ simple mode, pinned
+# sha256 of the relative paths and bytes of every file a 2-study small "simple" synth writes
+# (seed 5). It pins the simple generator: realistic acquisitions must not change it by one byte.
+# (Re-pinned once, when the sentinel PHI of lumbar_ray.synth.phi was added to every file.)
+# Computed with the generator as of HEAD 873a3dc (before realistic acquisitions existed). If a
+# deliberate change to the phantom moves it, update it in the same commit and say why.
+SIMPLE_SHA256 = "de0407cd9ca65eca95183638896f1792404b7637a131b362f3a7cdd303946e7f"
+
+
+def _tree_sha256(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_simple_mode_is_pinned(tmp_path):
+    s = synthesize(tmp_path, 2, 5, size="small", acquisitions="simple")
+    assert s.n_series == 6
+    assert _tree_sha256(tmp_path) == SIMPLE_SHA256
+
+
+def test_acquisition_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="acquisitions"):
+        SynthConfig(n_studies=1, seed=0, acquisitions="fancy")
+    with pytest.raises(ValueError, match="plans"):
+        synthesize(tmp_path, 2, 0, size="small", plans=[None])
+    with pytest.raises(ValueError, match="plans"):
+        synthesize(tmp_path, 1, 0, size="small", acquisitions="simple", plans=[None])
+    with pytest.raises(ValueError, match="axial"):
+        AcquisitionPlan(axial="diagonal")
+
+
+# ------------------------------------------------------------------------------------ realistic plans
+def test_plan_shares():
+    """The documented shares, over 400 drawn plans (bounds about 3 standard errors)."""
+    plans = [draw_plan(3, i) for i in range(400)]
+    assert draw_plan(3, 17) == plans[17] and any(draw_plan(4, i) != plans[i] for i in range(10))
+
+    def share(f) -> float:
+        return float(np.mean([bool(f(p)) for p in plans]))
+
+    assert abs(share(lambda p: p.axial == "slabs") - AXIAL_SLABS_SHARE) < 0.075
+    assert abs(share(lambda p: p.axial == "split") - AXIAL_SPLIT_SHARE) < 0.055
+    assert abs(share(lambda p: p.repeat is not None) - REPEATED_SAGITTAL_SHARE) < 0.045
+    assert abs(share(lambda p: p.oblique_deg != (0.0, 0.0)) - OBLIQUE_SAGITTAL_SHARE) < 0.075
+    present = [("sagittal_t1", "sagittal_t2", "axial") + (("axial_2",) if p.axial == "split" else ())
+               + (("repeat",) if p.repeat else ()) for p in plans]
+    n_missing = sum(len({r for r, _ in p.missing} & set(roles)) for p, roles in zip(plans, present))
+    assert abs(n_missing / sum(map(len, present)) - MISSING_SLICE_SHARE) < 0.03
+    assert {p.repeat for p in plans} == {None, SAGITTAL_T1, SAGITTAL_T2}
+
+
+# Two studies forced to show every pattern: A angled slabs (one axial instance missing), its
+# Sagittal T2/STIR repeated with the labels on the repeat, oblique sagittal planes; B axial split
+# over a slab series (L1/L2, L2/L3) and a plain stack, Sagittal T1 repeated with the labels on the
+# first, one slice missing from the Sagittal T2/STIR and from the second axial series.
+PLAN_A = AcquisitionPlan(axial="slabs", repeat=SAGITTAL_T2, repeat_labelled=True, oblique_deg=(3.0, -3.0),
+                         missing=(("axial", 0.5),))
+PLAN_B = AcquisitionPlan(axial="split", split_after=2, split_slabs=(True, False), repeat=SAGITTAL_T1,
+                         missing=(("sagittal_t2", 0.5), ("axial_2", 0.3)))
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("realistic")
+    synthesize(out, 2, SEED, size="small", plans=[PLAN_A, PLAN_B])
+    return out
+
+
+def _read_tables(root: Path):
+    return (pd.read_csv(root / "train.csv"), pd.read_csv(root / "train_label_coordinates.csv"),
+            pd.read_csv(root / "train_series_descriptions.csv"))
+
+
+def _headers(root: Path, study_id: int, series_id: int) -> dict[int, pydicom.Dataset]:
+    """The series' headers by instance number."""
+    folder = root / "train_images" / str(study_id) / str(series_id)
+    out = {}
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        out[int(ds.InstanceNumber)] = ds
+    return out
+
+
+def _normal(ds) -> np.ndarray:
+    iop = np.array(ds.ImageOrientationPatient, dtype=float)
+    return np.cross(iop[:3], iop[3:])
+
+
+def _series_of(series: pd.DataFrame, study_id: int, series_type: str) -> list[int]:
+    return [int(v) for v in series[(series.study_id == study_id) & (series.series_description == series_type)].series_id]
+
+
+def _ordered_study_ids(seed: int, n: int) -> list[int]:
+    return draw_ids(seed, n)[0]
+
+
+def test_angled_slabs_in_one_series(realistic):
+    _, coords, series = _read_tables(realistic)
+    study_a = _ordered_study_ids(SEED, 2)[0]
+    (axial,) = _series_of(series, study_a, AXIAL_T2)
+    hdr = _headers(realistic, study_a, axial)
+    assert len({ds.SeriesInstanceUID for ds in hdr.values()}) == 1
+    slabs: dict[tuple, list[int]] = {}
+    for inst, ds in hdr.items():
+        slabs.setdefault(tuple(ds.ImageOrientationPatient), []).append(inst)
+    assert len(slabs) == 5 and all(2 <= len(v) <= 4 for v in slabs.values())
+    tilts = [np.degrees(np.arctan2(-_normal(hdr[v[0]])[1], _normal(hdr[v[0]])[2])) for v in slabs.values()]
+    assert max(tilts) - min(tilts) > 8.0, tilts  # lordosis: L5/S1 is tilted well beyond L1/L2
+    numbers = sorted(hdr)
+    assert numbers[-1] - numbers[0] + 1 == len(numbers) + 1  # instance numbers run through, one missing
+    missing = set(range(numbers[0], numbers[-1] + 1)) - set(numbers)
+    assert not missing & set(coords[coords.series_id == axial].instance_number)
+    assert 3.5 <= float(next(iter(hdr.values())).SpacingBetweenSlices) <= 4.5
+    axial_rows = coords[(coords.study_id == study_a) & coords.condition.str.contains("Subarticular")]
+    assert set(axial_rows.series_id) == {axial}
+
+
+def test_split_axial_over_two_series(realistic):
+    _, coords, series = _read_tables(realistic)
+    study_b = _ordered_study_ids(SEED, 2)[1]
+    axials = _series_of(series, study_b, AXIAL_T2)
+    assert len(axials) == 2
+    hdrs = {s: _headers(realistic, study_b, s) for s in axials}
+    first, second = sorted(axials, key=lambda s: int(next(iter(hdrs[s].values())).SeriesNumber))
+    assert len({tuple(ds.ImageOrientationPatient) for ds in hdrs[first].values()}) == 2  # slabs at L1/L2, L2/L3
+    assert len({tuple(ds.ImageOrientationPatient) for ds in hdrs[second].values()}) == 1  # a plain stack
+    rows = coords[(coords.study_id == study_b) & coords.condition.str.contains("Subarticular")]
+    assert set(rows[rows.series_id == first].level) <= {"L1/L2", "L2/L3"}
+    assert set(rows[rows.series_id == second].level) <= {"L3/L4", "L4/L5", "L5/S1"}
+    assert len(rows[rows.series_id == second]) > 0
+    numbers = sorted(hdrs[second])
+    assert numbers[-1] - numbers[0] + 1 == len(numbers) + 1  # its missing slice
+
+
+def test_repeated_sagittal_series(realistic):
+    _, coords, series = _read_tables(realistic)
+    study_a, study_b = _ordered_study_ids(SEED, 2)
+    for study_id, st, labels_on_repeat in ((study_a, SAGITTAL_T2, True), (study_b, SAGITTAL_T1, False)):
+        ids = _series_of(series, study_id, st)
+        assert len(ids) == 2
+        hdrs = {s: _headers(realistic, study_id, s) for s in ids}
+        first, repeat = sorted(ids, key=lambda s: int(next(iter(hdrs[s].values())).SeriesNumber))
+        numbers = [int(next(iter(hdrs[s].values())).SeriesNumber) for s in (first, repeat)]
+        assert numbers[1] == numbers[0] + 1
+        assert next(iter(hdrs[first].values())).SeriesInstanceUID != next(iter(hdrs[repeat].values())).SeriesInstanceUID
+        pos = [np.array([ds.ImagePositionPatient for _, ds in sorted(hdrs[s].items())], dtype=float) for s in (first, repeat)]
+        assert pos[0].shape != pos[1].shape or not np.allclose(pos[0], pos[1], atol=0.05)  # the patient moved
+        conditions = [c.name for c in CONDITIONS if c.series_type == st]
+        labelled = set(coords[(coords.study_id == study_id) & coords.condition.isin(conditions)].series_id)
+        assert labelled == {repeat if labels_on_repeat else first}
+
+
+def test_missing_slice_leaves_a_gap(realistic):
+    _, coords, series = _read_tables(realistic)
+    study_b = _ordered_study_ids(SEED, 2)[1]
+    (sag_t2,) = _series_of(series, study_b, SAGITTAL_T2)
+    numbers = sorted(_headers(realistic, study_b, sag_t2))
+    gap = set(range(numbers[0], numbers[-1] + 1)) - set(numbers)
+    assert len(gap) == 1 and not gap & set(coords[coords.series_id == sag_t2].instance_number)
+
+
+def test_oblique_sagittal_planes(realistic):
+    _, _, series = _read_tables(realistic)
+    study_a = _ordered_study_ids(SEED, 2)[0]
+    (t1,) = _series_of(series, study_a, SAGITTAL_T1)
+    for ds in _headers(realistic, study_a, t1).values():
+        n = _normal(ds)
+        assert np.degrees(np.arccos(min(1.0, abs(n[0])))) > 3.0  # rolled 3 and yawed -3 (+-2) degrees
+
+
+def _check_labels_on_nearest_slices(root: Path, seed: int, n: int, labels_csv: str | None = None) -> int:
+    """Every label row's instance exists; the labelled 3-D point of the (re-sampled) patient lies
+    within a slice spacing of that slice's own plane, nearer than any other slice of the series
+    its type's labels use, and (x, y) is its projection onto the slice."""
+    _, coords, _ = _read_tables(root)
+    vectors = sample_label_vectors(n, seed, labels_csv)
+    target = {(t.condition.name, t.level): t for t in TARGETS}
+    checked = 0
+    for i, study_id in enumerate(_ordered_study_ids(seed, n)):
+        model = PatientModel.sample(study_rng(seed, i), severity_ids_of(vectors.iloc[i]))
+        rows = coords[coords.study_id == study_id]
+        headers = {s: _headers(root, study_id, s) for s in rows.series_id.unique()}
+        for r in rows.itertuples():
+            t = target[(r.condition, r.level)]
+            assert r.instance_number in headers[r.series_id], r
+            ds = headers[r.series_id][r.instance_number]
+            P = model.label_point(t)
+            n_k = _normal(ds)
+            dist = float((P - np.array(ds.ImagePositionPatient, dtype=float)) @ n_k)
+            assert abs(dist) <= float(ds.SpacingBetweenSlices) + 1e-6, (r, dist)
+            same_type = rows[rows.condition.isin([c.name for c in CONDITIONS if c.series_type == t.series_type])]
+            others = [d for s in same_type.series_id.unique() for d in headers[s].values()]
+            nearest = min(abs(float((P - np.array(d.ImagePositionPatient, dtype=float)) @ _normal(d))) for d in others)
+            assert abs(dist) <= nearest + 1e-3, (r, dist, nearest)
+            assert np.linalg.norm(_patient_point(ds, r.x, r.y) + dist * n_k - P) < 0.01, r
+            checked += 1
+    return checked
+
+
+def test_labels_on_their_nearest_slice(realistic, root, labels_csv):
+    assert _check_labels_on_nearest_slices(realistic, SEED, 2) == len(pd.read_csv(realistic / "train_label_coordinates.csv"))
+    assert _check_labels_on_nearest_slices(root, SEED, N_STUDIES, labels_csv) > 20 * N_STUDIES
+
+
+def test_realistic_study_and_its_simple_twin(realistic, tmp_path):
+    synthesize(tmp_path, 2, SEED, size="small", acquisitions="simple")
+    real_train, real_coords, real_series = _read_tables(realistic)
+    twin_train, twin_coords, twin_series = _read_tables(tmp_path)
+    pd.testing.assert_frame_equal(real_train, twin_train)  # same study ids, same labels
+    assert set(twin_series.series_id) < set(real_series.series_id)  # extra series have new ids
+    assert len(real_coords) == len(twin_coords)
+    pd.testing.assert_frame_equal(real_coords[["study_id", "condition", "level"]], twin_coords[["study_id", "condition", "level"]])
+
+
+def test_write_mr_series_per_slice_orientation(tmp_path):
+    vol = np.ones((2, 8, 8))
+    iop = [[1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0.9805807, 0.1961161]]
+    kw = dict(study_uid=uid_for("s", 2), series_uid=uid_for("se", 2), study_id=43, series_description=AXIAL_T2,
+              series_number=1, positions=[[0, 0, 0], [0, 0, 4]], pixel_spacing=(1.0, 1.0), slice_thickness=3.0)
+    paths = write_mr_series(tmp_path / "s", vol, image_orientation=iop, **kw)
+    got = [[float(v) for v in pydicom.dcmread(p).ImageOrientationPatient] for p in paths]
+    assert np.allclose(got, iop)
+    with pytest.raises(ValueError, match="image_orientation"):
+        write_mr_series(tmp_path / "t", vol, image_orientation=iop[:1], **kw)

@@ -4,8 +4,11 @@ Used by the synthetic study generator and by tests that need DICOM on local disk
 storage. Output is deterministic: UIDs come from :func:`uid_for` (callers pass them in) and no
 dates or times are written, so the same inputs give byte-identical files.
 
-Files hold no patient-identifying values: PatientID is the (already anonymous) study id,
-PatientName is empty, there are no birth dates, and PatientIdentityRemoved is "YES".
+By default files hold no patient-identifying values: PatientID is the (already anonymous) study
+id, PatientName is empty, there are no birth dates or accession numbers, and
+PatientIdentityRemoved is "YES". A caller may pass ``patient`` values instead (the synthetic
+generator passes the sentinels of :mod:`lumbar_ray.synth.phi`, which a test then searches every
+output and log for); the files then say PatientIdentityRemoved "NO", as a real study would.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -27,14 +32,17 @@ from pydicom.uid import (
     UID,
     generate_uid,
 )
+from pydicom.valuerep import validate_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_mr_series", "uid_for", "UID_PREFIX", "IMPLEMENTATION_VERSION_NAME"]
+__all__ = ["write_mr_series", "uid_for", "UID_PREFIX", "IMPLEMENTATION_VERSION_NAME", "PATIENT_KEYWORDS"]
 
 # pydicom's own root for generated UIDs (1.2.826.0.1.3680043.8.498.): valid and registered.
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 IMPLEMENTATION_VERSION_NAME = "LUMBAR_RAY_01"
+# The identifying elements a caller may set through write_mr_series(patient=...).
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
 
 def uid_for(*parts: Any) -> str:
@@ -105,17 +113,21 @@ def write_mr_series(
     instance_numbers: Sequence[int] | None = None,
     fs=None,
     transfer_syntax=ExplicitVRLittleEndian,
+    patient: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Write one MR series as ``{out_dir}/{instance_number}.dcm``, one file per slice.
 
     volume: ``(n, rows, cols)`` array; floats are rounded and clipped to uint16.
-    image_orientation: the 6 direction cosines (row cosine, column cosine), LPS.
+    image_orientation: the 6 direction cosines (row cosine, column cosine), LPS; or an ``(n, 6)``
+        array, one per slice (a series of differently angled slabs).
     positions: ``n`` ImagePositionPatient triples (mm), slice ``k`` of ``volume`` at ``positions[k]``.
     pixel_spacing: ``(row_spacing, col_spacing)`` in mm (DICOM order).
     instance_numbers: per slice (default ``1..n``); the file name uses it.
     out_dir: a local path or an fsspec URL (``s3://bucket/prefix``); or pass ``fs`` explicitly.
     transfer_syntax: Explicit/Implicit VR Little Endian, or a compressed syntax pydicom can
         encode (e.g. RLE Lossless).
+    patient: values of identifying elements by keyword (any of :data:`PATIENT_KEYWORDS`), written
+        into every slice in place of the anonymous defaults; None keeps the defaults.
 
     Returns the written paths (URLs keep their protocol), in slice order.
     """
@@ -124,10 +136,19 @@ def write_mr_series(
     positions = np.asarray(positions, dtype=float).reshape(-1, 3)
     if len(positions) != n:
         raise ValueError(f"{len(positions)} positions for {n} slices")
-    orientation = np.asarray(image_orientation, dtype=float).reshape(6)
+    per_slice = np.ndim(image_orientation) == 2
+    if per_slice and np.shape(image_orientation) != (n, 6):
+        raise ValueError(f"image_orientation must be 6 values or ({n}, 6), got shape {np.shape(image_orientation)}")
+    orientations = np.asarray(image_orientation, dtype=float).reshape(n if per_slice else 1, 6)
+    orientation = orientations[0]
     instance_numbers = _checked_instance_numbers(instance_numbers, n)
-    normal = np.cross(orientation[:3], orientation[3:])
-    spacing_between = float(np.median(np.abs(np.diff(positions @ normal)))) if n > 1 else float(slice_thickness)
+    normals = np.cross(orientations[:, :3], orientations[:, 3:])
+    normal = normals[0]
+    if not per_slice:
+        spacing_between = float(np.median(np.abs(np.diff(positions @ normal)))) if n > 1 else float(slice_thickness)
+    else:  # each gap along the first slice's own normal (slabs: the median is the in-slab spacing)
+        gaps = np.einsum("ij,ij->i", np.diff(positions, axis=0), normals[:-1])
+        spacing_between = float(np.median(np.abs(gaps))) if n > 1 else float(slice_thickness)
     transfer_syntax = UID(str(transfer_syntax))
     shared = _series_elements(
         vol,
@@ -141,11 +162,16 @@ def write_mr_series(
         slice_thickness=slice_thickness,
         spacing_between=spacing_between,
     )
+    if patient is not None:
+        shared = _with_patient(shared, patient)
     target = _OutputFolder(out_dir, fs)
     written: list[str] = []
     for k in range(n):
         inst = instance_numbers[k]
-        ds = _slice_dataset(shared, uid_for("sop", series_uid, inst), inst, positions[k], normal, vol[k], transfer_syntax)
+        ds = _slice_dataset(shared, uid_for("sop", series_uid, inst), inst, positions[k], normals[k if per_slice else 0],
+                            vol[k], transfer_syntax)
+        if per_slice:
+            ds.ImageOrientationPatient = _ds_str(orientations[k])
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         written.append(target.write(f"{inst}.dcm", buf.getvalue()))
@@ -220,6 +246,22 @@ def _series_elements(
         "WindowCenter": _ds_str([window_center])[0],
         "WindowWidth": _ds_str([window_width])[0],
     }
+
+
+def _with_patient(shared: dict[str, Any], patient: Mapping[str, str]) -> dict[str, Any]:
+    """``shared`` with the caller's identifying values, and the identity no longer marked removed."""
+    unknown = sorted(set(patient) - set(PATIENT_KEYWORDS))
+    if unknown:
+        raise ValueError(f"patient: unknown elements {unknown}; choose from {PATIENT_KEYWORDS}")
+    out = {key: value for key, value in shared.items() if key != "DeidentificationMethod"}
+    for key, value in patient.items():
+        try:  # checked here, naming the element: pydicom itself only warns when it writes a bad value
+            validate_value(dictionary_VR(key), str(value), pydicom_config.RAISE)
+        except ValueError as exc:
+            raise ValueError(f"patient: {key}: {exc}") from None
+        out[key] = str(value)
+    out["PatientIdentityRemoved"] = "NO"
+    return out
 
 
 def _slice_dataset(

@@ -11,11 +11,23 @@ from lumbar_ray.synth.anatomy import PatientModel
 from lumbar_ray.synth.geometry import SliceStack
 from lumbar_ray.synth.render import render_points
 
-__all__ = ["render_series", "render_stack"]
+__all__ = ["render_series", "render_parts", "render_stack"]
 
 
 def render_series(model: PatientModel, stack: SliceStack, contrasts, rng: np.random.Generator, size: str = "full") -> np.ndarray:
     """Render a stack with per-series random acquisition settings; (C, n, rows, cols) float32."""
+    return render_stack(model, stack, contrasts, rng, **_series_settings(stack, size, rng))
+
+
+def render_parts(model: PatientModel, parts: list[SliceStack], contrasts, rng: np.random.Generator, size: str = "full") -> np.ndarray:
+    """Render a series made of several stacks (e.g. per-level slabs, each with its own
+    orientation) with one set of acquisition settings; the parts' slices concatenated in order."""
+    settings = _series_settings(parts[0], size, rng)
+    return np.concatenate([render_stack(model, part, contrasts, rng, **settings) for part in parts], axis=1)
+
+
+def _series_settings(stack: SliceStack, size: str, rng: np.random.Generator) -> dict:
+    """Random acquisition settings of one series (drawn in this order: the seed's bytes depend on it)."""
     if size == "full":
         # acquisition matrix ~ 0.5-0.7 of the reconstructed one (e.g. 256-320 acquired, 448 shown)
         acq = float(rng.uniform(0.5, 0.7)) if stack.rows > 300 else float(rng.uniform(0.6, 0.8))
@@ -24,7 +36,7 @@ def render_series(model: PatientModel, stack: SliceStack, contrasts, rng: np.ran
     noise = float(rng.uniform(0.012, 0.04))
     bias = float(rng.uniform(0.15, 0.45))
     gain = float(rng.uniform(700.0, 2500.0))
-    return render_stack(model, stack, contrasts, rng, acq_factor=acq, noise=noise, bias=bias, gain=gain)
+    return dict(acq_factor=acq, noise=noise, bias=bias, gain=gain)
 
 
 @dataclass

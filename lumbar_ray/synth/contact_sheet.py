@@ -33,7 +33,8 @@ def write_contact_sheet(root, study_id, out_png, split: str = "train", *, dpi: i
         rows = series[series.series_description == st]
         if rows.empty:
             continue
-        series_id = int(rows.iloc[0].series_id)
+        # several series of a type (a repeat, split axial coverage): show the one most labels point at
+        series_id = int(max(rows.series_id, key=lambda sid: int((coords.series_id == sid).sum())))
         images = _read_series(fs, f"{r}/{split}_images/{study_id}/{series_id}")
         if not images:
             continue

@@ -7,11 +7,16 @@
     {out}/train.csv, {out}/train_label_coordinates.csv        (split == "train" only)
 
 Every study has a Sagittal T1, a Sagittal T2/STIR and an Axial T2 series rendered from one
-:class:`~lumbar_ray.synth.anatomy.PatientModel`. Its 25 severities are the label vector of a real
-study sampled from the RSNA 2024 ``train.csv`` (:mod:`lumbar_ray.synth.labels`), missing labels
-included: they stay empty in the synthetic ``train.csv`` and get no coordinate row, while the
-anatomy there shows a random severity. Coordinates point at the labelled structure on the
-instance through it, like the real ``train_label_coordinates.csv``.
+:class:`~lumbar_ray.synth.anatomy.PatientModel`. With ``acquisitions="realistic"`` (the default)
+they are acquired like real archives (:mod:`lumbar_ray.synth.protocols`: per-level angled axial
+slabs, axial coverage split over two series, a repeated sagittal series, missing slices, oblique
+sagittal planes); ``"simple"`` gives exactly one plain stack per type (the original generator,
+byte for byte). A study and its simple twin (same seed) share patient, ids and labels. Its 25
+severities are the label vector of a real study sampled from the RSNA 2024 ``train.csv``
+(:mod:`lumbar_ray.synth.labels`), missing labels included: they stay empty in the synthetic
+``train.csv`` and get no coordinate row, while the anatomy there shows a random severity.
+Coordinates point at the labelled structure on the instance through it, like the real
+``train_label_coordinates.csv``.
 
 Output is deterministic for a seed (same bytes): UIDs derive from the seed and ids, no dates.
 """
@@ -34,8 +39,10 @@ from lumbar_ray.dicom.write import uid_for, write_mr_series
 from lumbar_ray.metrics.labels import COORDINATE_COLUMNS
 from lumbar_ray.synth.acquisition import render_series
 from lumbar_ray.synth.anatomy import PatientModel
-from lumbar_ray.synth.geometry import SliceStack, sample_labelled_geometry
+from lumbar_ray.synth.geometry import SeriesGeometry, SliceStack, sample_labelled_geometry
+from lumbar_ray.synth.phi import patient_tags
 from lumbar_ray.synth.labels import sample_label_vectors, severity_ids_of
+from lumbar_ray.synth.protocols import ACQUISITIONS, AcquisitionPlan, acquire, draw_plan, locate_labels, series_numbers
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES, TARGETS
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ __all__ = [
     "SynthSummary",
     "synthesize",
     "draw_ids",
+    "draw_extra_ids",
     "study_rng",
     "study_ids_of",
     "list_study_ids",
@@ -63,8 +71,11 @@ class SynthConfig:
     split: str = "train"
     size: str = "full"  # or "small" (tests, demos)
     labels_csv: str | None = None  # default: the embedded copy of the real train.csv
+    acquisitions: str = "realistic"  # or "simple": one plain stack per series type
 
     def __post_init__(self):
+        if self.acquisitions not in ACQUISITIONS:
+            raise ValueError(f"acquisitions must be one of {ACQUISITIONS}, got {self.acquisitions!r}")
         if self.n_studies < 0:
             raise ValueError("n_studies must be >= 0")
         if self.size not in SIZES:
@@ -108,6 +119,24 @@ def draw_ids(seed: int, n_studies: int) -> tuple[list[int], list[list[int]]]:
     return study_ids, series_ids
 
 
+def draw_extra_ids(seed: int, n_studies: int, taken: list[int] | list[list[int]], per_study: int = 2) -> list[list[int]]:
+    """Series ids for the extra series of realistic studies (a second axial series, a repeat):
+    ``per_study`` per study from their own stream, so :func:`draw_ids` (and simple mode) is
+    unchanged; distinct from every id in ``taken`` (nested lists are flattened)."""
+    seen = {int(v) for t in taken for v in (t if isinstance(t, list) else [t])}
+    out = []
+    for i in range(n_studies):
+        rng = np.random.default_rng([int(seed), 0xE17A, i])
+        ids: list[int] = []
+        while len(ids) < per_study:
+            v = int(rng.integers(1_000_000, 4_294_967_295))
+            if v not in seen:
+                seen.add(v)
+                ids.append(v)
+        out.append(ids)
+    return out
+
+
 def filesystem_and_root(out) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(filesystem, root path without a trailing slash)`` of a local folder or fsspec URL."""
     fs, root = fsspec.core.url_to_fs(os.fspath(out))
@@ -136,6 +165,8 @@ def _write_study(task: dict) -> dict:
     sev = np.asarray(task["severity_ids"], dtype=int)
     rng = study_rng(cfg["seed"], task["index"])
     model = PatientModel.sample(rng, sev)
+    if cfg["acquisitions"] == "realistic":
+        return _write_realistic_study(task, model, sev, rng)
     stacks, volumes = _sample_and_render_series(model, cfg["size"], rng)
     order = rng.permutation(3)  # series numbers in a random acquisition order
     series_of = dict(zip(SERIES_TYPES, task["series_ids"]))
@@ -166,29 +197,36 @@ def _sample_and_render_series(model: PatientModel, size: str, rng: np.random.Gen
 
 def _write_series(cfg: dict, study_id: int, series_of: dict, stacks: dict, volumes: dict, order: np.ndarray) -> int:
     """Write the three series as DICOM; returns the number of images written."""
-    fs, root = filesystem_and_root(cfg["root"])
-    study_uid = uid_for("study", cfg["seed"], study_id)
     n_images = 0
     for k, st in enumerate(SERIES_TYPES):
-        series_id = series_of[st]
         stack = stacks[st]
-        paths = write_mr_series(
-            f"{root}/{cfg['split']}_images/{study_id}/{series_id}",
-            volumes[st],
-            study_uid=study_uid,
-            series_uid=uid_for("series", cfg["seed"], study_id, series_id),
-            study_id=study_id,
-            series_description=st,
-            series_number=int(order[k]) + 1,
-            image_orientation=stack.orientation,
-            positions=stack.positions,
-            pixel_spacing=stack.pixel_spacing,
-            slice_thickness=stack.slice_thickness,
-            instance_numbers=stack.instance_numbers,
-            fs=fs,
-        )
-        n_images += len(paths)
+        n_images += _write_dicom_series(cfg, study_id, series_of[st], st, int(order[k]) + 1, volumes[st], stack.orientation,
+                                        stack.positions, stack.pixel_spacing, stack.slice_thickness, stack.instance_numbers)
     return n_images
+
+
+def _write_dicom_series(cfg: dict, study_id: int, series_id: int, description: str, number: int, volume, orientation,
+                        positions, pixel_spacing, slice_thickness: float, instance_numbers) -> int:
+    """Write one series (every series of both modes goes through here); returns its image count.
+    ``orientation``: 6 cosines, or (n, 6), one per slice."""
+    fs, root = filesystem_and_root(cfg["root"])
+    paths = write_mr_series(
+        f"{root}/{cfg['split']}_images/{study_id}/{series_id}",
+        volume,
+        study_uid=uid_for("study", cfg["seed"], study_id),
+        series_uid=uid_for("series", cfg["seed"], study_id, series_id),
+        study_id=study_id,
+        series_description=description,
+        series_number=number,
+        image_orientation=orientation,
+        positions=positions,
+        pixel_spacing=pixel_spacing,
+        slice_thickness=slice_thickness,
+        instance_numbers=instance_numbers,
+        patient=patient_tags(study_id),  # sentinel PHI: tests prove no output or log repeats it
+        fs=fs,
+    )
+    return len(paths)
 
 
 def _coordinate_rows(model: PatientModel, sev: np.ndarray, stacks: dict[str, SliceStack], series_of: dict, study_id: int) -> list[dict]:
@@ -213,6 +251,35 @@ def _coordinate_rows(model: PatientModel, sev: np.ndarray, stacks: dict[str, Sli
     return rows
 
 
+def _write_realistic_study(task: dict, model: PatientModel, sev: np.ndarray, rng: np.random.Generator) -> dict:
+    """One study acquired like a real archive (:mod:`lumbar_ray.synth.protocols`)."""
+    cfg, study_id = task["cfg"], task["study_id"]
+    plan = task.get("plan") or draw_plan(cfg["seed"], task["index"])
+    series = acquire(model, plan, cfg["size"], rng)
+    base = dict(zip(SERIES_TYPES, task["series_ids"]))
+    extra = iter(task["extra_series_ids"])
+    ids = [base[s.series_type] if s.role in ("sagittal_t1", "sagittal_t2", "axial") else next(extra) for s in series]
+    numbers = series_numbers(series, rng)
+    n_images = 0
+    for s, series_id, number in zip(series, ids, numbers):
+        g: SeriesGeometry = s.geometry
+        n_images += _write_dicom_series(cfg, study_id, series_id, s.series_type, number, s.volume, g.orientations, g.positions,
+                                        g.parts[0].pixel_spacing, g.parts[0].slice_thickness, g.instance_numbers)
+    series_rows = [{"study_id": study_id, "series_id": i, "series_description": s.series_type} for s, i in zip(series, ids)]
+    coords = []
+    located = locate_labels(model, series)
+    if len(located) != len(TARGETS):  # acquire() always gives every type a labelled series
+        raise RuntimeError(f"study {study_id}: {len(located)} of {len(TARGETS)} targets located")
+    for loc in located:
+        t = TARGETS[loc.target_index]
+        if sev[t.index] < 0:
+            continue  # missing label: no coordinate, like the real file
+        g = series[loc.series].geometry
+        coords.append({"study_id": study_id, "series_id": ids[loc.series], "instance_number": int(g.instance_numbers[loc.slice]),
+                       "condition": t.condition.name, "level": t.level, "x": float(loc.x), "y": float(loc.y)})
+    return {"series": series_rows, "coords": coords, "n_images": n_images}
+
+
 # ---------------------------------------------------------------------------------------- data set
 def _write_csv(fs, path: str, df: pd.DataFrame) -> None:
     buf = io.StringIO()
@@ -222,22 +289,30 @@ def _write_csv(fs, path: str, df: pd.DataFrame) -> None:
 
 
 def synthesize(out, n_studies: int, seed: int, split: str = "train", size: str = "full", labels_csv: str | None = None,
-               workers: int = 1) -> SynthSummary:
+               workers: int = 1, acquisitions: str = "realistic",
+               plans: list[AcquisitionPlan | None] | None = None) -> SynthSummary:
     """Write ``n_studies`` synthetic studies under ``out`` (local path or fsspec URL).
 
     Deterministic for ``seed``: the same arguments give byte-identical files (``workers`` does
-    not change the output). Returns a :class:`SynthSummary`.
+    not change the output). ``acquisitions``: "realistic" (real-archive patterns, see
+    :mod:`lumbar_ray.synth.protocols`) or "simple" (one plain stack per series type).
+    ``plans``: per study, an :class:`AcquisitionPlan` in place of the drawn one (None: drawn);
+    for tests that need a given pattern. Returns a :class:`SynthSummary`.
     """
-    SynthConfig(n_studies=n_studies, seed=seed, split=split, size=size, labels_csv=labels_csv)  # validates
+    SynthConfig(n_studies=n_studies, seed=seed, split=split, size=size, labels_csv=labels_csv,
+                acquisitions=acquisitions)  # validates
+    if plans is not None and (acquisitions != "realistic" or len(plans) != n_studies):
+        raise ValueError("plans needs acquisitions='realistic' and one entry (or None) per study")
     t0 = time.perf_counter()
     fs, root = filesystem_and_root(out)
     fs.makedirs(f"{root}/{split}_images", exist_ok=True)
     labels = sample_label_vectors(n_studies, seed, labels_csv)
     study_ids, series_ids = draw_ids(seed, n_studies)
-    base = {"seed": int(seed), "split": split, "size": size, "root": os.fspath(out)}
+    extra_ids = draw_extra_ids(seed, n_studies, [study_ids, *series_ids]) if acquisitions == "realistic" else [[]] * n_studies
+    base = {"seed": int(seed), "split": split, "size": size, "root": os.fspath(out), "acquisitions": acquisitions}
     tasks = [
-        {"cfg": base, "index": i, "study_id": study_ids[i], "series_ids": series_ids[i],
-         "severity_ids": severity_ids_of(labels.iloc[i]).tolist()}
+        {"cfg": base, "index": i, "study_id": study_ids[i], "series_ids": series_ids[i], "extra_series_ids": extra_ids[i],
+         "severity_ids": severity_ids_of(labels.iloc[i]).tolist(), "plan": plans[i] if plans is not None else None}
         for i in range(n_studies)
     ]
     if workers > 1 and n_studies > 1:
