@@ -29,6 +29,8 @@ def synth(
     size: str = typer.Option("full", help="full (realistic sizes) or small (tests, demo)."),
     labels_csv: Optional[str] = typer.Option(None, help="train.csv to draw severity vectors from (default: the embedded real RSNA labels)."),
     workers: int = typer.Option(1, min=1, help="Processes."),
+    acquisitions: str = typer.Option("realistic", help="realistic (angled axial slabs, split axial, repeated sagittal, "
+                                     "missing slices, oblique planes in a share of studies) or simple (one plain stack per type)."),
     contact_sheet: Optional[Path] = typer.Option(None, help="Also write a PNG contact sheet of the first study here."),
     verbose: bool = False,
 ) -> None:
@@ -39,8 +41,10 @@ def synth(
 
     if split not in ("train", "test"):
         raise typer.BadParameter("split must be 'train' or 'test'")
+    if acquisitions not in ("realistic", "simple"):
+        raise typer.BadParameter("acquisitions must be 'realistic' or 'simple'")
     summary = synth_mod.synthesize(out, n_studies=studies, seed=seed, split=split, size=size,
-                                   labels_csv=labels_csv, workers=workers)
+                                   labels_csv=labels_csv, workers=workers, acquisitions=acquisitions)
     typer.echo(f"wrote {summary.n_studies} {split} studies ({summary.n_series} series, {summary.n_images} images, "
                f"{summary.n_coordinates} labelled points) to {out} in {summary.seconds:.1f} s")
     if contact_sheet is not None:
@@ -74,22 +78,27 @@ def inspect(
     study_obj = read_study(data, study, split=split)
     report = {
         "study_id": str(study_obj.study_id),
-        "series": {
-            kind: {
-                "series_id": str(s.series_id),
-                "description": s.description,
-                "plane": s.plane,
-                "shape": list(s.volume.shape),
-                "pixel_spacing_mm": [float(v) for v in s.pixel_spacing],
-                "slice_spacing_mm": float(s.slice_spacing),
-                "instances": [int(i) for i in s.instance_numbers],
-            }
-            for kind, s in study_obj.series.items()
-        },
-        "other_series": [str(s.series_id) for s in study_obj.other_series],
+        "series": {kind: _series_report(s) for kind, s in study_obj.series.items()},
+        "other_series": [_series_report(s) for s in study_obj.other_series],
         "skipped": [{"path": str(f.path), "reason": f.reason, "error_type": f.error_type} for f in study_obj.skipped],
     }
     typer.echo(json.dumps(report, indent=2))
+
+
+def _series_report(s) -> dict:
+    """What ``inspect`` shows of one series read: every instance, and how many slice orientations
+    (tilted per-level slabs read as one series have several)."""
+    return {
+        "series_id": str(s.series_id),
+        "series_type": s.series_type,
+        "description": s.description,
+        "plane": s.plane,
+        "shape": list(s.volume.shape),
+        "pixel_spacing_mm": [float(v) for v in s.pixel_spacing],
+        "slice_spacing_mm": float(s.slice_spacing),
+        "orientations": 1 if s.orientations is None else len({tuple(o) for o in s.orientations.round(3)}),
+        "instances": [int(i) for i in s.instance_numbers],
+    }
 
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -20,15 +20,19 @@ What the reader guarantees
 How a study's series are chosen (:func:`read_study`)
 ----------------------------------------------------
 1. Each series folder is split into *stacks* of slices sharing orientation (normals within 2
-   degrees) and image size. The largest stack is the folder's series; smaller stacks in the same
-   folder (e.g. a 3-plane localizer mixed into the folder) are ignored when they have fewer than
+   degrees), image size and pixel spacing; stacks of one plane and image size are then joined
+   (:func:`~lumbar_ray.dicom.stacks.merge_slabs`): an Axial T2 series of per-level slabs, each
+   tilted to its disc, is read whole, each slice with its own orientation. The largest stack is
+   the folder's series; smaller stacks in the same folder (e.g. a 3-plane localizer mixed into
+   the folder) are ignored when they have fewer than
    ``min_slices`` slices, else kept as untyped ``other_series``. Slices whose ImageType says
    LOCALIZER and stacks with fewer than ``min_slices`` slices are never chosen; ignored files are
    recorded in ``Study.skipped``.
 2. The type of a folder's series: the first rule that decides, in the order
    :mod:`lumbar_ray.dicom.series_types` lists (``Series.type_source`` says which).
 3. Per type the stack with the most slices wins (stacks typed from a description beat guessed
-   ones); the rest go to ``Study.other_series`` (decoded too: labels may point at them).
+   ones); the rest go to ``Study.other_series`` (decoded too: labels may point at them, and
+   scoring runs every series of a type, :meth:`~lumbar_ray.dicom.series.Study.series_of_type`).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from lumbar_ray.dicom.series_types import (
     classify_alone,
     resolve_pending,
 )
-from lumbar_ray.dicom.stacks import build_series, filter_localizers, plane_of, skip_stack, split_stacks
+from lumbar_ray.dicom.stacks import build_series, filter_localizers, merge_slabs, plane_of, skip_stack, split_stacks
 from lumbar_ray.errors import DataLayoutError
 from lumbar_ray.targets import SERIES_TYPES
 
@@ -102,7 +106,7 @@ def read_series(
         raise SeriesNotFoundError(where, "series folder holds no files")
     slices, localizers = filter_localizers(slices)
     skipped += localizers
-    stacks = split_stacks(slices)
+    stacks = merge_slabs(split_stacks(slices))
     if not stacks:
         raise NoUsableSlicesError(where, f"no readable image slice ({len(skipped)} files skipped)", skipped)
     for extra in stacks[1:]:
@@ -266,7 +270,7 @@ def _folder_candidates(
     skipped = list(file_skips)
     slices, localizers = filter_localizers(slices)
     skipped += localizers
-    stacks = split_stacks(slices)
+    stacks = merge_slabs(split_stacks(slices))
     if not stacks and not file_skips and not localizers:
         skipped.append(SkippedFile(storage.to_url(study.fs, folder), "series folder holds no files", "SeriesNotFoundError"))
     main: list[SeriesCandidate] = []

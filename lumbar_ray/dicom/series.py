@@ -30,7 +30,13 @@ class DicomImage:
 
 @dataclass
 class Series:
-    """One stack of slices in patient geometry (LPS, mm), sorted along its normal."""
+    """A series' slices in patient geometry (LPS, mm), sorted along the normal of its first slice.
+
+    Most series are one stack of parallel slices (``orientations`` is None: every slice has
+    ``orientation``). A series of tilted slabs (one per disc level) keeps each slice's own
+    orientation in ``orientations`` (n, 6); :meth:`pixel_to_patient` and :meth:`patient_to_pixel`
+    use each slice's own plane.
+    """
 
     study_id: str
     series_id: str
@@ -48,6 +54,7 @@ class Series:
     type_source: str | None = None  # which rule set series_type (see lumbar_ray.dicom.series_types)
     series_instance_uid: str | None = None
     skipped: list[SkippedFile] = field(default_factory=list)
+    orientations: np.ndarray | None = None  # float64 (n, 6) when the slices are not all parallel
 
     @property
     def n_slices(self) -> int:
@@ -66,8 +73,28 @@ class Series:
         return np.cross(self.orientation[:3], self.orientation[3:])
 
     @property
+    def is_multi_oriented(self) -> bool:
+        """Whether the slices have more than one orientation (tilted slabs)."""
+        return self.orientations is not None
+
+    def slice_orientation(self, slice_index: int) -> np.ndarray:
+        """Row cosine + column cosine (6,) of one slice."""
+        return self.orientation if self.orientations is None else self.orientations[int(slice_index)]
+
+    def slice_normals(self) -> np.ndarray:
+        """(n, 3) unit normal of each slice."""
+        o = np.broadcast_to(self.orientation, (self.n_slices, 6)) if self.orientations is None else self.orientations
+        normals = np.cross(o[:, :3], o[:, 3:])
+        return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+    def distances_to_planes(self, point: Sequence[float]) -> np.ndarray:
+        """(n,) signed distance (mm) of a patient point from each slice's plane."""
+        p = np.asarray(point, dtype=np.float64).reshape(3)
+        return np.einsum("ij,ij->i", p[None, :] - self.positions, self.slice_normals())
+
+    @property
     def slice_positions(self) -> np.ndarray:
-        """``dot(IPP_k, normal)`` per slice (ascending), mm."""
+        """``dot(IPP_k, normal)`` per slice (ascending for parallel slices), mm."""
         return self.positions @ self.normal
 
     def index_of_instance(self, instance_number: int) -> int:
@@ -80,17 +107,21 @@ class Series:
     def pixel_to_patient(self, slice_index: int, x: float, y: float) -> np.ndarray:
         """Patient point (LPS mm) of pixel (x = column, y = row) on slice ``slice_index``."""
         row_sp, col_sp = self.pixel_spacing
-        return (
-            self.positions[int(slice_index)]
-            + float(x) * col_sp * self.orientation[:3]
-            + float(y) * row_sp * self.orientation[3:]
-        )
+        o = self.slice_orientation(slice_index)
+        return self.positions[int(slice_index)] + float(x) * col_sp * o[:3] + float(y) * row_sp * o[3:]
 
     def patient_to_pixel(self, point: Sequence[float]) -> tuple[float, float, float]:
         """``(slice_index, x, y)`` (floats) of a patient point; the inverse of
         :meth:`pixel_to_patient`. The slice index interpolates between the slice positions along
-        the normal (extrapolated linearly outside); x/y are measured on the nearest slice."""
+        the normal (extrapolated linearly outside); x/y are measured on the nearest slice. For
+        tilted slabs the index is the slice whose own plane lies nearest (a whole number)."""
         p = np.asarray(point, dtype=np.float64).reshape(3)
+        if self.orientations is not None:
+            k_near = int(np.argmin(np.abs(self.distances_to_planes(p))))
+            o = self.orientations[k_near]
+            rel = p - self.positions[k_near]
+            row_sp, col_sp = self.pixel_spacing
+            return float(k_near), float(rel @ o[:3]) / col_sp, float(rel @ o[3:]) / row_sp
         proj = self.slice_positions
         d = float(p @ self.normal)
         n = len(proj)
@@ -124,6 +155,21 @@ class Study:
 
     def all_series(self) -> list[Series]:
         return [*self.series.values(), *self.other_series]
+
+    def series_of_type(self, series_type: str) -> list[Series]:
+        """Every series of a type: the chosen one first, then the others (a repeated sagittal
+        series, axial coverage split over two series), in the order they were read."""
+        chosen = self.series.get(series_type)
+        return ([chosen] if chosen is not None else []) + [s for s in self.other_series if s.series_type == series_type]
+
+    def find_series(self, series_id, instance_number: int | None = None) -> Series | None:
+        """The series with this id (a folder may yield several: stacks of other image sizes);
+        with ``instance_number``, the one holding that instance, else the first with the id."""
+        matches = [s for s in self.all_series() if str(s.series_id) == str(series_id)]
+        if instance_number is not None:
+            holding = [s for s in matches if (s.instance_numbers == int(instance_number)).any()]
+            matches = holding or matches
+        return matches[0] if matches else None
 
 
 def id_sort_key(name: str) -> tuple:

@@ -1,8 +1,15 @@
 """A folder's parsed slices into stacks: split by orientation and image size, localizers left out,
 slices sorted by patient geometry, and a stack decoded into a :class:`~lumbar_ray.dicom.series.Series`.
 
-Slices are sorted by ``dot(ImagePositionPatient, normal)`` ascending with
-``normal = row_cosine x column_cosine`` (docs/CONVENTIONS.md), never by file name or InstanceNumber.
+Slices are sorted by the position of their centre along ``normal = row_cosine x column_cosine``
+(docs/CONVENTIONS.md), never by file name or InstanceNumber. For slices that share one orientation
+that is the order of ``dot(ImagePositionPatient, normal)``; for a series made of tilted slabs (one
+slab parallel to each disc, as real Axial T2 series often are) the centre is what keeps the slabs in
+order: a slab tilted by 15 degrees moves its top-left corner ~25 mm along the normal.
+
+A series folder may hold several stacks of one plane and image size: per-level slabs, each tilted
+to its disc. :func:`merge_slabs` joins them into one stack so that the series is read whole and
+every slice keeps its own position and orientation.
 """
 
 from __future__ import annotations
@@ -15,24 +22,56 @@ from lumbar_ray.dicom.errors import AbsurdImageSizeError, DicomReadError, ReadLi
 from lumbar_ray.dicom.files import ParsedSlice, decode_pixels, header_float
 from lumbar_ray.dicom.series import Series
 
-__all__ = ["split_stacks", "plane_of", "geometry_sort", "filter_localizers", "skip_stack", "build_series"]
+__all__ = [
+    "split_stacks",
+    "merge_slabs",
+    "plane_of",
+    "geometry_sort",
+    "slice_centre",
+    "filter_localizers",
+    "skip_stack",
+    "build_series",
+]
 
 # Slices whose normals are within 2 degrees belong to the same stack.
 _PARALLEL_COS = float(np.cos(np.deg2rad(2.0)))
 
 
 def split_stacks(slices: Iterable[ParsedSlice]) -> list[list[ParsedSlice]]:
-    """Group slices by orientation (normals within 2 degrees) and image size; largest first."""
+    """Group slices by orientation (normals within 2 degrees), image size and pixel spacing;
+    largest first."""
     stacks: list[list[ParsedSlice]] = []
     for s in slices:
         for stack in stacks:
             ref = stack[0]
-            if (s.rows, s.cols) == (ref.rows, ref.cols) and abs(float(s.normal @ ref.normal)) >= _PARALLEL_COS:
+            if ((s.rows, s.cols) == (ref.rows, ref.cols) and np.allclose(s.pixel_spacing, ref.pixel_spacing, atol=1e-3)
+                    and abs(float(s.normal @ ref.normal)) >= _PARALLEL_COS):
                 stack.append(s)
                 break
         else:
             stacks.append([s])
     return sorted(stacks, key=lambda st: (-len(st), st[0].path))
+
+
+def merge_slabs(stacks: list[list[ParsedSlice]]) -> list[list[ParsedSlice]]:
+    """Join the stacks of :func:`split_stacks` that share a plane and an image size into one (the
+    slabs of one series); largest first. Stacks of another plane or size stay apart (a 3-plane
+    localizer mixed into a folder, a reformat)."""
+    groups: dict[tuple, list[ParsedSlice]] = {}
+    for stack in stacks:
+        ref = stack[0]
+        key = (plane_of(ref.orientation), ref.rows, ref.cols, tuple(round(float(v), 3) for v in ref.pixel_spacing))
+        groups.setdefault(key, []).extend(stack)
+    return sorted(groups.values(), key=lambda st: (-len(st), min(s.path for s in st)))
+
+
+def n_orientations(stack: Sequence[ParsedSlice]) -> int:
+    """How many distinct orientations (normals within 2 degrees) a stack's slices have."""
+    normals: list[np.ndarray] = []
+    for s in stack:
+        if not any(abs(float(s.normal @ n)) >= _PARALLEL_COS for n in normals):
+            normals.append(s.normal)
+    return len(normals)
 
 
 def plane_of(orientation: Sequence[float]) -> str:
@@ -42,10 +81,17 @@ def plane_of(orientation: Sequence[float]) -> str:
     return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
 
 
+def slice_centre(s: ParsedSlice) -> np.ndarray:
+    """Patient position (LPS mm) of the centre of a slice's image."""
+    row_sp, col_sp = s.pixel_spacing
+    return s.position + (s.cols - 1) / 2 * col_sp * s.orientation[:3] + (s.rows - 1) / 2 * row_sp * s.orientation[3:]
+
+
 def geometry_sort(stack: list[ParsedSlice]) -> list[ParsedSlice]:
-    """The stack's slices in ascending position along its normal (ties: InstanceNumber, path)."""
+    """The stack's slices in ascending position of their centres along the normal of its first
+    slice (ties: InstanceNumber, path)."""
     normal = stack[0].normal
-    return sorted(stack, key=lambda s: (float(s.position @ normal), s.instance_number, s.path))
+    return sorted(stack, key=lambda s: (float(slice_centre(s) @ normal), s.instance_number, s.path))
 
 
 def filter_localizers(slices: list[ParsedSlice]) -> tuple[list[ParsedSlice], list[SkippedFile]]:
@@ -96,6 +142,7 @@ def build_series(
         instance_numbers=np.array([s.instance_number for s in kept], dtype=np.int64),
         positions=np.stack([s.position for s in kept]).astype(np.float64),
         orientation=ref.orientation.astype(np.float64),
+        orientations=(np.stack([s.orientation for s in kept]).astype(np.float64) if n_orientations(kept) > 1 else None),
         pixel_spacing=ref.pixel_spacing,
         slice_thickness=ref.slice_thickness,
         slice_spacing=_slice_spacing(kept),
@@ -126,7 +173,7 @@ def _slice_spacing(kept: list[ParsedSlice]) -> float:
     thickness, or 1 mm) when the slices do not tell (a single slice, or all at one position)."""
     ref = kept[0]
     normal = ref.normal
-    proj = np.array([s.position @ normal for s in kept])
+    proj = np.array([slice_centre(s) @ normal for s in kept])
     gaps = np.abs(np.diff(proj))
     if gaps.size and np.median(gaps) > 0:
         return float(np.median(gaps))

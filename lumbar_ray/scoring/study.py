@@ -23,13 +23,24 @@ from lumbar_ray.models.compat import (
     read_weights,
 )
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
-from lumbar_ray.targets import PROBABILITY_COLUMNS, SERIES_TYPES, TARGETS
+from lumbar_ray.targets import (
+    AXIAL_T2,
+    LEVELS,
+    PROBABILITY_COLUMNS,
+    SAGITTAL_T1,
+    SAGITTAL_T2,
+    SERIES_TYPES,
+    TARGETS,
+    targets_for_series,
+)
 
 log = logging.getLogger(__name__)
 
 
 # What a ModelBundle can hold; pipeline stages load only their own part.
 MODEL_PARTS = ("detectors", "scorer")
+# Prefix of the temp folder a bundle's weight files pass through while it loads.
+MODEL_CACHE_PREFIX = "lumbar-ray-models-"
 
 ERROR_COLUMNS = ["study_id", "series_id", "stage", "error_type", "message", "model_version", "run_id", "recorded_at"]
 
@@ -58,6 +69,14 @@ class ModelBundle:
         crop settings are still read), ``("scorer",)`` for a grading stage (``detectors`` stays
         empty and Ultralytics is never imported). Why: each pipeline actor pays for what it
         loads in start-up time, on every run, and on a small machine the stages start together.
+
+        The weight files are copied into ``cache_dir`` (kept: the caller's) or, by default, into
+        a ``lumbar-ray-models-*`` folder in the temp dir that is removed before this returns or
+        raises: every file is read into memory while loading, so nothing needs it afterwards.
+        Removing it here, not when the bundle or its process ends, is what makes it certain: Ray
+        Data ends a pool's actors by dropping their handles, or with ``ray.kill`` when a run
+        stops early, and a killed or crashed actor runs no ``__del__``, finalizer or atexit
+        handler; a folder kept until then stays behind, a copy of the weights per actor per run.
         """
         import torch  # heavy: the driver and the read tasks import this module but load no model
 
@@ -67,9 +86,18 @@ class ModelBundle:
         root, version = parse_model_spec(spec)
         registry = ModelRegistry(root)
         version = registry.resolve(version)
-        manifest = registry.manifest(version)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        local = Path(cache_dir or tempfile.mkdtemp(prefix="lumbar-ray-models-")) / version
+        if cache_dir is not None:
+            return cls.load_version(registry, version, Path(cache_dir) / version, device, parts)
+        with tempfile.TemporaryDirectory(prefix=MODEL_CACHE_PREFIX) as scratch:
+            return cls.load_version(registry, version, Path(scratch) / version, device, parts)
+
+    @classmethod
+    def load_version(cls, registry: ModelRegistry, version: str, local: Path, device: Any,
+                     parts: Sequence[str] = MODEL_PARTS) -> "ModelBundle":
+        """The ``parts`` of a resolved ``version``, their files fetched into ``local`` (see
+        :meth:`from_registry`, which most callers want)."""
+        manifest = registry.manifest(version)
         models = manifest.get("models", {})
         spec = manifest.get("input_spec") or {}
         detectors = (load_detectors(registry, version, models, local, device, spec.get("detectors"))
@@ -169,22 +197,54 @@ class DetectedStudy:
 
 def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
                  timings: dict[str, float] | None = None) -> DetectedStudy:
-    """Run each series type's detector over all slices of its series (batched), pick one
-    detection per target, and crop the detected points. ``timings``: a dict to add the seconds
-    of each step to (:func:`detect_series`'s steps and "select + crop"; profiling)."""
+    """Run each series type's detector over every slice of every series of that type (batched),
+    pick one detection per target and crop the detected points. The sagittal series give each
+    disc level a point in 3-D; the axial targets are chosen per level among the axial slices
+    whose planes lie at that level (:mod:`lumbar_ray.models.levels`), so per-level slabs and
+    axial series split over two series are read as a radiologist would. ``timings``: a dict to
+    add the seconds of each step to (:func:`detect_series`'s steps and "select + crop"; profiling)."""
     # heavy: torch; the driver and the read tasks import this module but run no model
-    from lumbar_ray.models.detector_inference import StageClock, detect_series
-    from lumbar_ray.models.target_selection import select_target_detections
+    from lumbar_ray.models.detector_inference import StageClock
+    from lumbar_ray.models.levels import geometry_flags
 
     if "detectors" not in bundle.parts:  # else every series would pass as "no detector in this version"
         raise RuntimeError(f"model bundle {bundle.version} was loaded without its detectors (parts={bundle.parts})")
     study_id = str(study.study_id)
-    hits = {t.index: TargetHit(t.index) for t in TARGETS}
     flags, errors = skipped_file_problems(study)
+    found = _run_detectors(bundle, study, batch_size, timings, flags, errors)
+    clock = StageClock(timings, bundle.device)
+    chosen = _choose_sagittal(found)
+    chosen.update(_choose_axial(found.get(AXIAL_T2, []), chosen, flags))
+    flags.extend(geometry_flags(chosen))
+    hits = {t.index: TargetHit(t.index) for t in TARGETS}
     crops_by_target: dict[int, np.ndarray] = {}
+    by_series: dict[int, tuple[Any, dict]] = {}
+    for index, located in chosen.items():
+        if located is not None:
+            by_series.setdefault(id(located.series), (located.series, {}))[1][index] = located.detection
+    for series, picked in by_series.values():
+        for hit, crop in crop_detections(bundle, series, picked):
+            hits[hit.target_index] = hit
+            crops_by_target[hit.target_index] = crop
+    clock.lap("select + crop")
+    ordered = [hits[t.index] for t in TARGETS]
+    detected = [h.target_index for h in ordered if h.detected]
+    crops = np.stack([crops_by_target[i] for i in detected]) if detected else np.zeros((0, 3, 32, 32), np.float32)
+    return DetectedStudy(study_id, ordered, crops.astype(np.float32), flags, errors)
+
+
+def _run_detectors(bundle: ModelBundle, study, batch_size: int, timings, flags: list[str],
+                   errors: list[dict]) -> dict[str, list[tuple[Any, list]]]:
+    """{series type: [(series, its detections)]} over every series of each type; a series type
+    with no series or no detector, and a series whose detection fails, get a flag (and an error
+    row) instead."""
+    from lumbar_ray.models.detector_inference import detect_series  # heavy: torch
+
+    study_id = str(study.study_id)
+    found: dict[str, list[tuple[Any, list]]] = {}
     for series_type in SERIES_TYPES:
-        series = study.series.get(series_type)
-        if series is None:
+        series_list = study.series_of_type(series_type)
+        if not series_list:
             flags.append(f"series_missing:{series_type}")
             errors.append({"study_id": study_id, "series_id": None, "stage": "read", "error_type": "SeriesMissing",
                            "message": f"no {series_type} series could be read; its targets use the prior"})
@@ -193,23 +253,62 @@ def detect_study(bundle: ModelBundle, study, batch_size: int = 32,
         if detector is None:
             flags.append(f"no_detector:{series_type}")
             continue
-        try:
-            detections = detect_series(detector, series, conf=bundle.detector_conf, device=bundle.device,
-                                       batch_size=batch_size, timings=timings)
-            clock = StageClock(timings, bundle.device)
-            chosen = select_target_detections(detections, series_type, series)
-        except Exception as exc:  # one bad series must not lose the study's other rows
-            flags.append(f"detect_failed:{series_type}")
-            errors.append(error_row(study_id, "detect", exc, series_id=str(series.series_id), max_chars=500))
-            continue
-        for hit, crop in crop_detections(bundle, series, chosen):
-            hits[hit.target_index] = hit
-            crops_by_target[hit.target_index] = crop
-        clock.lap("select + crop")
-    ordered = [hits[t.index] for t in TARGETS]
-    detected = [h.target_index for h in ordered if h.detected]
-    crops = np.stack([crops_by_target[i] for i in detected]) if detected else np.zeros((0, 3, 32, 32), np.float32)
-    return DetectedStudy(study_id, ordered, crops.astype(np.float32), flags, errors)
+        for series in series_list:
+            try:
+                detections = detect_series(detector, series, conf=bundle.detector_conf, device=bundle.device,
+                                           batch_size=batch_size, timings=timings)
+            except Exception as exc:  # one bad series must not lose the study's other rows
+                flags.append(f"detect_failed:{series_type}")
+                errors.append(error_row(study_id, "detect", exc, series_id=str(series.series_id), max_chars=500))
+                continue
+            found.setdefault(series_type, []).append((series, detections))
+    return found
+
+
+def _choose_sagittal(found: dict[str, list[tuple[Any, list]]]) -> dict[int, Any]:
+    """{target index: LocatedDetection | None} of the sagittal targets: each series chooses by
+    its type's rule (:func:`select_target_detections`); over several series of a type (a repeated
+    acquisition) the most confident choice wins."""
+    from lumbar_ray.models.levels import LocatedDetection
+    from lumbar_ray.models.target_selection import select_target_detections
+
+    chosen: dict[int, Any] = {}
+    for series_type in (SAGITTAL_T1, SAGITTAL_T2):
+        for series, detections in found.get(series_type, []):
+            for index, det in select_target_detections(detections, series_type, series).items():
+                current = chosen.get(index)
+                if det is not None and (current is None or det.confidence > current.detection.confidence):
+                    chosen[index] = LocatedDetection(series, det)
+                chosen.setdefault(index, None)
+    return chosen
+
+
+def _choose_axial(axial: list[tuple[Any, list]], sagittal: dict[int, Any], flags: list[str]) -> dict[int, Any]:
+    """{target index: LocatedDetection | None} of the axial targets: per level, among the slices
+    whose plane lies at that level's disc (from the sagittal detections); without any sagittal
+    level, each series' most confident detection per class, flagged ``axial_levels_unchecked``."""
+    from lumbar_ray.models.levels import LocatedDetection, assign_slices_to_levels, level_points, select_axial_by_level
+    from lumbar_ray.models.target_selection import select_target_detections
+
+    targets = targets_for_series(AXIAL_T2)
+    if not axial:
+        return {}
+    points = level_points(sagittal)
+    if not points:
+        flags.append("axial_levels_unchecked")
+        chosen: dict[int, Any] = {t.index: None for t in targets}
+        for series, detections in axial:
+            for index, det in select_target_detections(detections, AXIAL_T2, series).items():
+                current = chosen[index]
+                if det is not None and (current is None or det.confidence > current.detection.confidence):
+                    chosen[index] = LocatedDetection(series, det)
+        return chosen
+    assigned = [(series, detections, assign_slices_to_levels(series, points)) for series, detections in axial]
+    covered = {int(level) for _, _, levels in assigned for level in levels if level >= 0}
+    missed = [LEVELS[level] for level in sorted(points) if level not in covered]
+    if missed:
+        flags.append("axial_level_not_covered:" + ",".join(missed))
+    return select_axial_by_level(assigned, targets)
 
 
 def skipped_file_problems(study) -> tuple[list[str], list[dict]]:

@@ -140,16 +140,6 @@ def samples_from_series(
     return samples
 
 
-def _study_series(study) -> list:
-    found = []
-    for v in [*study.series.values(), *getattr(study, "other_series", [])]:
-        if isinstance(v, (list, tuple)):
-            found.extend(v)
-        else:
-            found.append(v)
-    return found
-
-
 def load_detector_samples(
     root, split: str, study_ids: Iterable[int], coords, series_type: str, *, negatives: int = 0,
     negative_gap: int | None = None,
@@ -167,9 +157,9 @@ def load_detector_samples(
         if rows.empty:
             continue
         study = read_study(root, sid, split)
-        by_id = {int(s.series_id): s for s in _study_series(study)}
         for series_id, srows in rows.groupby("series_id"):
-            series = by_id.get(int(series_id))
+            # a folder may yield several series (stacks of other sizes): the one holding the labels
+            series = study.find_series(series_id, int(srows["instance_number"].iloc[0]))
             if series is None:
                 log.warning("study %s: labelled series %s not found; skipped", sid, series_id)
                 continue

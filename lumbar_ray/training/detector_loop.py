@@ -133,9 +133,8 @@ def validation_records(model, root: str, split: str, study_ids, points: pd.DataF
         except DicomReadError as exc:
             log.warning("validation study %s unreadable: %s", sid, exc)
             continue
-        by_id = {int(s.series_id): s for s in [*study.series.values(), *study.other_series]}
         for series_id, srows in rows.groupby("series_id"):
-            series = by_id.get(int(series_id))
+            series = study.find_series(series_id, int(srows["instance_number"].iloc[0]))
             if series is None:
                 continue
             dets = detect_series(model, series, conf=conf, device=device)

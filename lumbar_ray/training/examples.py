@@ -15,7 +15,6 @@ from lumbar_ray.config import ScorerConfig, TrainConfig
 from lumbar_ray.training.detector_data import DetectorSample, samples_from_series
 from lumbar_ray.dicom.errors import DicomReadError
 from lumbar_ray.dicom.read import load_descriptions, read_study
-from lumbar_ray.dicom.series import Series
 from lumbar_ray.models.crops import extract_crops
 from lumbar_ray.storage import ray_remote_args_with_storage_env
 from lumbar_ray.targets import SERIES_TYPES, TARGETS
@@ -35,13 +34,6 @@ class StudyExamples:
     # labelled slices for the detectors, by series type
     slices: dict[str, list[DetectorSample]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # what could not be used, and why
-
-
-def _find_series(study, series_id: int) -> Series | None:
-    for series in [*study.series.values(), *study.other_series]:
-        if int(series.series_id) == int(series_id):
-            return series
-    return None
 
 
 def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: ScorerConfig,
@@ -67,7 +59,8 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
         problems.append(f"study {study_id}: skipped {skipped.path}: {skipped.reason}")
     n_channels = 3
     for series_id, group in points.groupby("series_id", sort=True):
-        series = _find_series(study, series_id)
+        # a folder may yield several series (stacks of other sizes): the one holding the labels
+        series = study.find_series(series_id, int(group["instance_number"].iloc[0]))
         if series is None:
             problems.append(f"study {study_id}: labelled series {series_id} not found")
             continue
