@@ -364,3 +364,34 @@ def test_inspect_keeps_every_axial_slice_of_realistic_studies(realistic_root):
                    if pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription == AXIAL_T2}
         assert read == on_disk and study.skipped == []
 
+
+
+def test_axial_detector_validation_chooses_by_level_across_series(realistic_root, monkeypatch):
+    """The detector CV's axial table chooses targets as scoring does, per level over every axial
+    series (levels from the labelled canal points): a detector that finds each recess but cannot
+    tell the levels apart still scores every target."""
+    import torch
+
+    from lumbar_ray.metrics import labels as label_io
+    from lumbar_ray.models.detector_inference import Detection
+    from lumbar_ray.targets import targets_for_series
+    from lumbar_ray.training import detector_loop
+
+    root = str(realistic_root)
+    points = label_io.labelled_points(label_io.read_labels(root), label_io.read_coordinates(root))
+    axial = {t.index: t for t in targets_for_series(AXIAL_T2)}
+    class_of_side = {t.side: t.detector_class_id for t in axial.values() if t.level_index == 0}
+
+    def detect(model, series, **kwargs):  # each labelled recess found, always with the L1/L2 class
+        own = points[(points["series_id"].astype(str) == series.series_id) & points["target_index"].isin(list(axial))]
+        return [Detection(class_of_side[axial[int(r.target_index)].side], series.index_of_instance(int(r.instance_number)),
+                          int(r.instance_number), float(r.x), float(r.y), 0.8) for r in own.itertuples()]
+
+    monkeypatch.setattr(detector_loop, "detect_series", detect)
+    study_ids = sorted(points["study_id"].unique())
+    records, rates = detector_loop.validation_records(None, root, "train", study_ids, points, AXIAL_T2, 0.01,
+                                                      torch.device("cpu"))
+    n_axial = int(points["target_index"].isin(list(axial)).sum())
+    assert len(records) == n_axial > 20
+    assert records["detected"].all()
+    assert (records["dist_3d_mm"] < 1e-6).all()

@@ -25,6 +25,7 @@ __all__ = [
     "level_points",
     "assign_slices_to_levels",
     "select_axial_by_level",
+    "select_axial_whole_series",
     "geometry_flags",
 ]
 
@@ -104,6 +105,23 @@ def select_axial_by_level(
                 current = best[t.index]
                 if current is None or d.confidence > current.detection.confidence:
                     best[t.index] = LocatedDetection(series, _with_class(d, t.detector_class_id))
+    return best
+
+
+def select_axial_whole_series(detections: Sequence[tuple[object, Sequence[Detection]]],
+                              targets: Sequence[Target]) -> dict[int, LocatedDetection | None]:
+    """The fallback without levels in 3-D: each target takes its own class's most confident
+    detection over every slice of every series (``detections``: ``(series, its detections)``)."""
+    best: dict[int, LocatedDetection | None] = {t.index: None for t in targets}
+    index_of_class = {t.detector_class_id: t.index for t in targets}
+    for series, found in detections:
+        for d in found:
+            index = index_of_class.get(d.class_id)
+            if index is None:
+                continue
+            current = best[index]
+            if current is None or d.confidence > current.detection.confidence:
+                best[index] = LocatedDetection(series, d)
     return best
 
 

@@ -287,8 +287,12 @@ def _choose_axial(axial: list[tuple[Any, list]], sagittal: dict[int, Any], flags
     """{target index: LocatedDetection | None} of the axial targets: per level, among the slices
     whose plane lies at that level's disc (from the sagittal detections); without any sagittal
     level, each series' most confident detection per class, flagged ``axial_levels_unchecked``."""
-    from lumbar_ray.models.levels import LocatedDetection, assign_slices_to_levels, level_points, select_axial_by_level
-    from lumbar_ray.models.target_selection import select_target_detections
+    from lumbar_ray.models.levels import (
+        assign_slices_to_levels,
+        level_points,
+        select_axial_by_level,
+        select_axial_whole_series,
+    )
 
     targets = targets_for_series(AXIAL_T2)
     if not axial:
@@ -296,13 +300,7 @@ def _choose_axial(axial: list[tuple[Any, list]], sagittal: dict[int, Any], flags
     points = level_points(sagittal)
     if not points:
         flags.append("axial_levels_unchecked")
-        chosen: dict[int, Any] = {t.index: None for t in targets}
-        for series, detections in axial:
-            for index, det in select_target_detections(detections, AXIAL_T2, series).items():
-                current = chosen[index]
-                if det is not None and (current is None or det.confidence > current.detection.confidence):
-                    chosen[index] = LocatedDetection(series, det)
-        return chosen
+        return select_axial_whole_series(axial, targets)
     assigned = [(series, detections, assign_slices_to_levels(series, points)) for series, detections in axial]
     covered = {int(level) for _, _, levels in assigned for level in levels if level >= 0}
     missed = [LEVELS[level] for level in sorted(points) if level not in covered]
@@ -338,7 +336,7 @@ def crop_detections(bundle: ModelBundle, series, chosen: dict) -> list[tuple[Tar
         return []
     points = np.array([(det.slice_index, det.x, det.y) for _, det in found], dtype=np.float64)
     crops = extract_crops(series.volume, points, channels=bundle.channels, mm=bundle.crop_mm,
-                          pixel_spacing=tuple(series.pixel_spacing))
+                          pixel_spacing=tuple(series.pixel_spacing), slab_ids=series.slab_ids())
     return [(TargetHit(index, str(series.series_id), int(det.slice_index), int(det.instance_number), float(det.x),
                        float(det.y), float(det.confidence)), crop)
             for (index, det), crop in zip(found, crops)]

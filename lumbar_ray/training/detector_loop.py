@@ -23,9 +23,13 @@ from lumbar_ray.dicom.errors import DicomReadError
 from lumbar_ray.dicom.read import load_descriptions, read_study
 from lumbar_ray.models import ultralytics_env
 from lumbar_ray.models.detector import DEFAULT_BOX_MM, build_detector, make_loss_fn, save_detector, unwrap_model
-from lumbar_ray.models.detector_inference import detect_series
+from lumbar_ray.models.detector_inference import Detection, detect_series
+from lumbar_ray.models.levels import (
+    LocatedDetection, assign_slices_to_levels, level_points, select_axial_by_level,
+    select_axial_whole_series,
+)
 from lumbar_ray.models.target_selection import select_target_detections
-from lumbar_ray.targets import targets_for_series
+from lumbar_ray.targets import AXIAL_T2, TARGETS, targets_for_series
 from lumbar_ray.training.artifacts import ALL_FOLDS, HISTORY_FILE, OOF_FILE, weights_file
 from lumbar_ray.training.detector_data import DetectorDataset, DetectorSample, collate_detector
 from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates
@@ -36,6 +40,8 @@ from lumbar_ray.training.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+SPINAL_TARGETS = [t.index for t in TARGETS if t.family == "spinal"]
 
 
 def detector_worker_loop(cfg: dict) -> None:
@@ -120,7 +126,13 @@ def detector_bytes(model, **extra) -> bytes:
 
 def validation_records(model, root: str, split: str, study_ids, points: pd.DataFrame, series_type: str,
                        conf: float, device) -> tuple[pd.DataFrame, dict]:
-    """Whole-series detection on validation studies -> one record per labelled target."""
+    """Whole-series detection on validation studies -> one record per labelled target.
+
+    Each labelled series is read whole and its targets chosen as scoring chooses them. Axial
+    targets are chosen per level among every axial series of the study
+    (:func:`lumbar_ray.models.levels.select_axial_by_level`), the levels placed in 3-D from the
+    study's *labelled* canal points on its sagittal series: this measures the axial detector
+    with its levels given (a diagnostic; scoring places them from the sagittal detections)."""
     descriptions = load_descriptions(root, split)
     own = points[points["target_index"].isin([t.index for t in targets_for_series(series_type)])]
     parts, records = [], []
@@ -133,15 +145,41 @@ def validation_records(model, root: str, split: str, study_ids, points: pd.DataF
         except DicomReadError as exc:
             log.warning("validation study %s unreadable: %s", sid, exc)
             continue
+        if series_type == AXIAL_T2:
+            selected = _axial_selection_at_labelled_levels(model, study, points[points["study_id"] == sid], conf, device)
         for series_id, srows in rows.groupby("series_id"):
             series = study.find_series(series_id, int(srows["instance_number"].iloc[0]))
             if series is None:
                 continue
-            dets = detect_series(model, series, conf=conf, device=device)
-            selected = select_target_detections(dets, series_type, series)
-            hits = detector_hit_rates(selected, srows, series)
+            if series_type == AXIAL_T2:
+                chosen = {i: (located.detection if located is not None and located.series is series else None)
+                          for i, located in selected.items()}
+            else:
+                chosen = select_target_detections(detect_series(model, series, conf=conf, device=device),
+                                                  series_type, series)
+            hits = detector_hit_rates(chosen, srows, series)
             parts.append(hits)
             for rec in hits.records:
                 records.append({"study_id": int(sid), "series_id": int(series_id), **rec})
     merged = HitRates.merge(parts)
     return pd.DataFrame(records), merged.as_dict()
+
+
+def _axial_selection_at_labelled_levels(model, study, study_points: pd.DataFrame, conf: float, device) -> dict:
+    """{axial target index: LocatedDetection | None}: the detector run over every axial series
+    of the study, targets chosen per level, the levels' 3-D points from the labelled canal
+    points (none labelled: each series' own most confident detection per class)."""
+    canal = {}
+    for row in study_points[study_points["target_index"].isin(SPINAL_TARGETS)].itertuples(index=False):
+        series = study.find_series(row.series_id, int(row.instance_number))
+        if series is not None and (series.instance_numbers == int(row.instance_number)).any():
+            k = series.index_of_instance(int(row.instance_number))
+            canal[int(row.target_index)] = LocatedDetection(
+                series, Detection(0, k, int(row.instance_number), float(row.x), float(row.y), 1.0))
+    found = [(series, detect_series(model, series, conf=conf, device=device))
+             for series in study.series_of_type(AXIAL_T2)]
+    targets = targets_for_series(AXIAL_T2)
+    levels = level_points(canal)
+    if not levels:
+        return select_axial_whole_series(found, targets)
+    return select_axial_by_level([(s, d, assign_slices_to_levels(s, levels)) for s, d in found], targets)
