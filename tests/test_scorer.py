@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumbar_ray.models.crops import extract_crop, extract_crops, mirror_axis, normalize_crop
+from lumbar_ray.dicom.series import Series
+from lumbar_ray.models.crops import (
+    extract_crop, extract_crops, extract_neighbour_crops, mirror_axis, neighbour_slices, normalize_crop,
+)
 from lumbar_ray.models.deepscorenet import (
     DeepScoreNet,
     FocalLoss,
@@ -21,7 +24,9 @@ from lumbar_ray.models.deepscorenet import (
     predict_proba,
     prepare_scorer_for_inference,
 )
-from lumbar_ray.training.crop_data import CropAugment, CropDataset, augment_crop, augment_crops, oversample_indices
+from lumbar_ray.training.crop_data import (
+    CropAugment, CropDataset, augment_crop, augment_crops, oversample_indices, shift_in_pixels,
+)
 from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 
 # ---------------------------------------------------------------- model
@@ -213,6 +218,123 @@ def test_normalize_crop_robust():
     assert np.median(out) == pytest.approx(0.5, abs=0.02)
 
 
+# ---------------------------------------------------------------- slabs: 2.5D and neighbour crops
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def _tilted(tilt_deg: float) -> np.ndarray:
+    t = math.radians(tilt_deg)
+    return np.array([1.0, 0.0, 0.0, 0.0, math.cos(t), math.sin(t)])
+
+
+def _series(positions, orientations=None, instances=None, volume=None) -> Series:
+    """An Axial T2 series in memory: one slice per position, parallel unless ``orientations``."""
+    positions = np.asarray(positions, dtype=np.float64)
+    n = len(positions)
+    volume = np.zeros((n, 40, 40), np.float32) if volume is None else volume
+    instances = np.arange(1, n + 1) if instances is None else np.asarray(instances)
+    first = AXIAL if orientations is None else orientations[0]
+    return Series("1", "2", None, AXIAL_T2, "axial", volume, instances, positions, np.asarray(first, float),
+                  (0.8, 0.8), 3.0, 3.0, [f"{k}.dcm" for k in range(n)],
+                  orientations=None if orientations is None else np.asarray(orientations, np.float64))
+
+
+def _slab_geometry(tilts=(-12.0, 0.0, 14.0), centres_z=(-40.0, 0.0, 40.0), per_slab=4, spacing=3.0, lost=()):
+    """Positions, orientations and instance numbers of one slab per tilt (``per_slab`` slices
+    ``spacing`` mm apart along the slab's own normal), numbers running through the slabs;
+    instances in ``lost`` are left out (numbers kept, a gap left)."""
+    positions, orientations, instances = [], [], []
+    number = 1
+    for tilt, z in zip(tilts, centres_z):
+        o = _tilted(tilt)
+        normal = np.cross(o[:3], o[3:])
+        for k in range(per_slab):
+            if number not in lost:
+                positions.append(np.array([-16.0, -16.0, z]) + (k - (per_slab - 1) / 2) * spacing * normal)
+                orientations.append(o)
+                instances.append(number)
+            number += 1
+    return np.array(positions), np.array(orientations), np.array(instances)
+
+
+def test_slab_ids_parallel_stack_and_tilted_slabs():
+    stack = [[0.0, 0.0, 4.0 * k] for k in range(10)]
+    assert _series(stack).slab_ids().tolist() == [0] * 10
+    # a lost slice (instance 5; the others keep their numbers) leaves a doubled gap, not two slabs
+    lost = [p for k, p in enumerate(stack) if k != 4]
+    assert _series(lost, instances=[k + 1 for k in range(10) if k != 4]).slab_ids().tolist() == [0] * 9
+    positions, orientations, instances = _slab_geometry()
+    assert _series(positions, orientations, instances).slab_ids().tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # a lost slice inside a slab (a doubled gap among single ones) keeps it whole; one at a
+    # slab's end changes nothing else
+    for lost_instance, sizes in ((8, [5, 4, 5]), (7, [5, 4, 5]), (6, [5, 4, 5]), (2, [4, 5, 5])):
+        positions, orientations, instances = _slab_geometry(per_slab=5, lost=(lost_instance,))
+        ids = _series(positions, orientations, instances).slab_ids()
+        assert np.bincount(ids).tolist() == sizes, lost_instance
+        assert (np.diff(ids) >= 0).all()
+
+
+def test_slab_ids_split_parallel_slabs_by_their_gap():
+    # two slabs within 2 degrees of each other, 20 mm apart: the gap splits them, not the angle;
+    # one two spacings apart splits too, since the numbers run on (no slice was lost there)
+    for tilts, centres in (((0.0, 1.0), (0.0, 20.0)), ((0.0, 0.0), (0.0, 15.0))):
+        positions, orientations, instances = _slab_geometry(tilts=tilts, centres_z=centres)
+        ids = _series(positions, orientations, instances).slab_ids()
+        assert ids.tolist() == [0] * 4 + [1] * 4, (tilts, centres)
+    assert _series([[0.0, 0.0, 0.0]]).slab_ids().tolist() == [0]
+
+
+def _marked_volume(n: int) -> np.ndarray:
+    """Slice s: a single bright pixel at row 20, column 4 + 2 s (which slice a channel shows)."""
+    vol = np.zeros((n, 40, 40), np.float32)
+    for s in range(n):
+        vol[s, 20, 4 + 2 * s] = 1.0
+    return vol
+
+
+def _slices_shown(crop: np.ndarray) -> list[int]:
+    # a 32 px crop centred on (20, 20) starts at row and column 4: crop column j is volume
+    # column j + 4, i.e. slice j / 2
+    return [int(np.argmax(c[16])) // 2 for c in crop]
+
+
+def test_adjacent_channels_never_take_another_slabs_slice():
+    positions, orientations, instances = _slab_geometry(lost=(6,))
+    series = _series(positions, orientations, instances, volume=_marked_volume(len(positions)))
+    slabs = series.slab_ids()
+    for k in range(series.n_slices):
+        crop = extract_crop(series.volume, k, 20, 20, channels="adjacent", percentiles=(0.0, 100.0),
+                            slab_ids=slabs)
+        shown = _slices_shown(crop)
+        assert shown[1] == k and all(slabs[s] == slabs[k] for s in shown), (k, shown)
+        lo, hi = neighbour_slices(series.n_slices, k, slabs)
+        assert shown == [lo, k, hi]
+    # without slab ids the edge of a slab takes the next slab's slice (what slab_ids prevents)
+    assert _slices_shown(extract_crop(series.volume, 3, 20, 20, channels="adjacent", percentiles=(0.0, 100.0))) == [2, 3, 4]
+    with pytest.raises(ValueError):
+        extract_crop(series.volume, 0, 20, 20, slab_ids=slabs[:-1])
+
+
+def test_neighbour_crops_are_the_crops_of_the_slices_either_side_in_the_slab():
+    positions, orientations, instances = _slab_geometry()
+    vol = np.random.default_rng(0).uniform(size=(len(positions), 40, 40)).astype(np.float32)
+    series = _series(positions, orientations, instances, volume=vol)
+    slabs = series.slab_ids()
+    points = np.array([(k, 18.5, 21.0) for k in range(series.n_slices)])
+    args = dict(channels="adjacent", mm=20.0, pixel_spacing=series.pixel_spacing)
+    crops = extract_crops(vol, points, slab_ids=slabs, **args)
+    neighbours = extract_neighbour_crops(vol, points, slab_ids=slabs, **args)
+    assert neighbours.shape == (len(points), 2, 3, 32, 32) and neighbours.dtype == np.float32
+    for k in range(series.n_slices):
+        below, above = neighbour_slices(series.n_slices, k, slabs)
+        assert np.array_equal(neighbours[k, 0], crops[below]) and np.array_equal(neighbours[k, 1], crops[above])
+        first, last = k % 4 == 0, k % 4 == 3  # 4 slices per slab: a copy of k at the slab's ends
+        assert (below == k) == first and (above == k) == last
+        assert np.array_equal(neighbours[k, 0], crops[k]) == first
+    assert extract_neighbour_crops(vol, np.zeros((0, 3)), slab_ids=slabs).shape == (0, 2, 3, 32, 32)
+
+
 # ---------------------------------------------------------------- augmentation
 
 
@@ -263,6 +385,39 @@ def test_crop_dataset():
     assert len(ds) == 44
     plain = CropDataset(crops, labels, augment=None, oversample=False)
     assert len(plain) == 26 and torch.equal(plain[25][0], torch.from_numpy(crops[25]))
+
+
+def test_crop_dataset_slice_jitter_at_the_configured_rate_and_never_in_validation():
+    n = 2000
+    labels = np.zeros(n, dtype=np.int64)  # one class: no oversampled (augmented) rows
+    crops = np.full((n, 3, 32, 32), 0.5, np.float32)
+    neighbours = np.stack([np.zeros_like(crops), np.ones_like(crops)], axis=1)  # k-1: 0, k+1: 1
+    ds = CropDataset(crops, labels, neighbour_crops=neighbours, seed=5)
+    shown = np.array([float(ds[i][0][0, 0, 0]) for i in range(n)])
+    assert abs(np.mean(shown != 0.5) - CropAugment().slice_jitter_p) < 0.04
+    assert abs(np.mean(shown == 0.0) - np.mean(shown == 1.0)) < 0.04  # either side alike
+    again = CropDataset(crops, labels, neighbour_crops=neighbours, seed=5)
+    assert all(float(again[i][0][0, 0, 0]) == shown[i] for i in range(0, n, 97))  # seeded
+    ds.set_epoch(1)
+    assert not np.array_equal(shown, [float(ds[i][0][0, 0, 0]) for i in range(n)])  # redrawn per epoch
+    rare = CropDataset(crops, labels, neighbour_crops=neighbours, augment=CropAugment(slice_jitter_p=0.1), seed=5)
+    assert abs(np.mean([float(rare[i][0][0, 0, 0]) != 0.5 for i in range(n)]) - 0.1) < 0.03
+    # evaluation (augment=None) and p = 0 always give the labelled slice's crop
+    plain = CropDataset(crops, labels, neighbour_crops=neighbours, augment=None, oversample=False)
+    off = CropDataset(crops, labels, neighbour_crops=neighbours, augment=CropAugment(slice_jitter_p=0.0))
+    assert all(float(d[i][0][0, 0, 0]) == 0.5 for d in (plain, off) for i in range(n))
+    with pytest.raises(ValueError):
+        CropDataset(crops, labels, neighbour_crops=neighbours[:-1])
+
+
+def test_in_plane_shift_in_millimetres_of_the_crop():
+    config = CropAugment()
+    assert shift_in_pixels(config, 32.0, 32).max_shift_px == pytest.approx(config.max_shift_mm)  # 1 mm/px
+    assert shift_in_pixels(config, 64.0, 32).max_shift_px == pytest.approx(config.max_shift_mm / 2)
+    assert shift_in_pixels(config, None, 32) == config  # pixel crops: max_shift_px as set
+    assert shift_in_pixels(CropAugment(max_shift_mm=None), 32.0, 32) == CropAugment(max_shift_mm=None)
+    ds = CropDataset(np.zeros((2, 3, 32, 32), np.float32), [0, 1], crop_mm=16.0)
+    assert ds.augment.max_shift_px == pytest.approx(2 * config.max_shift_mm)
 
 
 # ---------------------------------------------------------------- inference

@@ -149,3 +149,51 @@ def test_ray_train_and_tune_storage_on_s3(synthetic_root, tmp_path, s3_env):
     manifest = ModelRegistry(str(registry)).manifest(outcome.version)
     assert manifest["config"]["storage_path"] == storage
     assert set(outcome.metric_table["model"]) >= {"deepscorenet", "baseline_weighted_prior"}
+
+
+# --------------------------------------------------------------------------------------------
+# Slice noise for the grader: every example carries the crops of its slab's neighbouring slices
+
+
+@pytest.fixture(scope="module")
+def slab_study_root(tmp_path_factory):
+    """One small synthetic study whose Axial T2 series is tilted slabs with a lost slice."""
+    from lumbar_ray.synth.protocols import AcquisitionPlan
+    from lumbar_ray.synth.writer import synthesize
+
+    root = tmp_path_factory.mktemp("slabs")
+    synthesize(root, 1, seed=11, size="small", plans=[AcquisitionPlan(axial="slabs", missing=(("axial", 0.5),))])
+    return root
+
+
+def test_training_examples_carry_neighbour_crops_within_the_slab(slab_study_root):
+    from lumbar_ray.config import ScorerConfig
+    from lumbar_ray.dicom.read import read_study
+    from lumbar_ray.metrics import labels as label_io
+    from lumbar_ray.models.crops import extract_crop, neighbour_slices
+    from lumbar_ray.targets import AXIAL_T2
+    from lumbar_ray.training.examples import study_examples
+
+    root = str(slab_study_root)
+    points = label_io.labelled_points(label_io.read_labels(root), label_io.read_coordinates(root))
+    cfg = ScorerConfig(channels="adjacent")
+    (study_id, own), = points.groupby("study_id")
+    examples = study_examples(root, int(study_id), own, cfg, with_slices=False)
+    assert len(examples.crops) == len(own) and not examples.problems
+    assert examples.neighbour_crops.shape == (len(examples.crops), 2, 3, 32, 32)
+    study = read_study(root, str(study_id))
+    axial = study.series_of_type(AXIAL_T2)[0]
+    assert axial.is_multi_oriented and len(np.unique(axial.slab_ids())) == 5  # one slab per level
+    inside = 0
+    for i, row in enumerate(examples.points.itertuples(index=False)):
+        series = study.find_series(row.series_id, int(row.instance_number))
+        k = series.index_of_instance(int(row.instance_number))
+        slabs = series.slab_ids()
+        args = dict(channels="adjacent", mm=cfg.crop_mm, pixel_spacing=tuple(series.pixel_spacing), slab_ids=slabs)
+        assert np.array_equal(examples.crops[i], extract_crop(series.volume, k, row.x, row.y, **args))
+        below, above = neighbour_slices(series.n_slices, k, slabs)
+        assert slabs[below] == slabs[k] == slabs[above]
+        for side, j in enumerate((below, above)):
+            assert np.array_equal(examples.neighbour_crops[i, side], extract_crop(series.volume, j, row.x, row.y, **args))
+        inside += int(below == k - 1 and above == k + 1)
+    assert inside > 0  # most points have both neighbours; some may sit at a slab's or stack's end

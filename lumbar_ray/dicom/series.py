@@ -92,6 +92,44 @@ class Series:
         p = np.asarray(point, dtype=np.float64).reshape(3)
         return np.einsum("ij,ij->i", p[None, :] - self.positions, self.slice_normals())
 
+    def slab_ids(self, max_angle_deg: float = 2.0, max_gap_factor: float = 1.6) -> np.ndarray:
+        """(n,) int slab of each slice, 0, 1, ... in slice order: a slab is a run of consecutive
+        slices that share an orientation (normals and row cosines within ``max_angle_deg``) and
+        lie within ``max_gap_factor`` x the run's typical gap of each other. A parallel stack is
+        one slab; a tilted-slab series has one per slab (used so that 2.5D crops never mix slabs).
+
+        The typical gap is the median gap of the same-orientation run, so one larger gap does
+        not move it. A missing slice doubles one gap; it does not split the slab when the
+        instance numbers skip by as many slices as the gap spans (archives and the synthesizer
+        keep the others' numbers, leaving a hole), while between two parallel slabs they run on.
+        """
+        n = self.n_slices
+        ids = np.zeros(n, dtype=np.int64)
+        if n < 2:
+            return ids
+        o = np.broadcast_to(self.orientation, (n, 6)) if self.orientations is None else self.orientations
+        normals = self.slice_normals()
+        rows = o[:, :3] / np.maximum(np.linalg.norm(o[:, :3], axis=1, keepdims=True), 1e-12)
+        cos_max = float(np.cos(np.radians(max_angle_deg)))
+        # signed: a flipped normal or row puts pixel (x, y) on other anatomy, so it is another slab
+        same_orientation = ((np.einsum("ij,ij->i", normals[:-1], normals[1:]) >= cos_max)
+                            & (np.einsum("ij,ij->i", rows[:-1], rows[1:]) >= cos_max))
+        gaps = np.abs(np.einsum("ij,ij->i", self.positions[1:] - self.positions[:-1], normals[:-1]))
+        steps = np.abs(np.diff(self.instance_numbers.astype(np.int64)))
+        split = ~same_orientation
+        start = 0
+        for end in [*np.flatnonzero(~same_orientation).tolist(), n - 1]:  # runs of gap indices
+            run = np.arange(start, end)  # gaps start..end-1 join slices start..end
+            if run.size:
+                typical = float(np.median(gaps[run]))
+                if typical > 1e-6:
+                    ratio = gaps[run] / typical
+                    lost_slices = (np.abs(ratio - np.round(ratio)) <= 0.25) & (steps[run] == np.round(ratio))
+                    split[run] = (ratio > max_gap_factor) & ~lost_slices
+            start = end + 1
+        ids[1:] = np.cumsum(split)
+        return ids
+
     @property
     def slice_positions(self) -> np.ndarray:
         """``dot(IPP_k, normal)`` per slice (ascending for parallel slices), mm."""

@@ -1,7 +1,10 @@
 """The crops DeepScoreNet grades (32x32 around a point of a volume), cut alike for scoring and training.
 
 * :func:`extract_crop` / :func:`extract_crops` — crops in pixels or in millimetres, single-slice
-  ("repeat") or 2.5D ("adjacent"), scaled by :func:`normalize_crop`.
+  ("repeat") or 2.5D ("adjacent", neighbours kept within a slice's slab), scaled by
+  :func:`normalize_crop`.
+* :func:`extract_neighbour_crops` — the crops one slice either side (within the slab), the
+  slice-localisation noise the grader trains with.
 * :func:`mirror_axis` — the crop axis along which a flip is a patient left-right mirror.
 
 Volumes follow docs/CONVENTIONS.md: numpy ``(n_slices, rows, cols)``, points as
@@ -21,14 +24,34 @@ from lumbar_ray.targets import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES
 CROP_SIZE = 32
 
 
-def _slice_indices(n_slices: int, k: int, channels: str, n_channels: int) -> np.ndarray:
+def slab_bounds(n_slices: int, k: int, slab_ids: np.ndarray | Sequence[int] | None = None) -> tuple[int, int]:
+    """First and last slice index of slice k's slab (``slab_ids`` from
+    :meth:`lumbar_ray.dicom.series.Series.slab_ids`: consecutive runs); the whole volume without."""
     if not 0 <= k < n_slices:
         raise IndexError(f"slice index {k} outside a volume of {n_slices} slices")
+    if slab_ids is None:
+        return 0, n_slices - 1
+    ids = np.asarray(slab_ids)
+    if ids.shape != (n_slices,):
+        raise ValueError(f"slab_ids must have one entry per slice ({n_slices}), got shape {ids.shape}")
+    same = np.flatnonzero(ids == ids[k])
+    return int(same.min()), int(same.max())
+
+
+def neighbour_slices(n_slices: int, k: int, slab_ids: np.ndarray | Sequence[int] | None = None) -> tuple[int, int]:
+    """Slices (k - 1, k + 1) within k's slab; k itself where the slab ends."""
+    lo, hi = slab_bounds(n_slices, k, slab_ids)
+    return max(k - 1, lo), min(k + 1, hi)
+
+
+def _slice_indices(n_slices: int, k: int, channels: str, n_channels: int, slab_ids=None) -> np.ndarray:
+    lo, hi = slab_bounds(n_slices, k, slab_ids)
     if channels == "repeat":
         return np.full(n_channels, k)
     if channels == "adjacent":
-        # k - C//2 ... k + C//2 (k-1, k, k+1 for 3 channels), edge slices repeated at the ends.
-        return np.clip(k + np.arange(n_channels) - n_channels // 2, 0, n_slices - 1)
+        # k - C//2 ... k + C//2 (k-1, k, k+1 for 3 channels), edge slices of k's slab repeated at
+        # the ends: a slice of another (tilted) slab is not the neighbouring anatomy at (x, y).
+        return np.clip(k + np.arange(n_channels) - n_channels // 2, lo, hi)
     raise ValueError(f"channels must be 'repeat' or 'adjacent', got {channels!r}")
 
 
@@ -90,6 +113,7 @@ def extract_crop(
     pixel_spacing: tuple[float, float] | None = None,
     n_channels: int = 3,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    slab_ids: np.ndarray | Sequence[int] | None = None,
 ) -> np.ndarray:
     """A ``(n_channels, size_px, size_px)`` float32 crop centred on (x = column, y = row).
 
@@ -101,7 +125,9 @@ def extract_crop(
       col_spacing); output pixel i is at offset ``(i - size_px//2) * mm / size_px`` from the
       (sub-pixel) centre. ``mm = size_px * spacing`` reproduces pixel mode at integer centres.
     * ``channels='repeat'``: slice k in every channel; ``'adjacent'``: slices k-1, k, k+1 (2.5D,
-      in the volume's sorted slice order; the first/last slice is repeated at the ends).
+      in the volume's sorted slice order; the first/last slice is repeated at the ends). With
+      ``slab_ids`` (:meth:`lumbar_ray.dicom.series.Series.slab_ids`) the neighbours stay in slice
+      k's slab, its first/last slice repeated.
 
     Pixels outside the image are padding: excluded from the percentile scaling and set to 0
     (see :func:`normalize_crop`). A 2-D ``volume`` is one slice.
@@ -112,7 +138,7 @@ def extract_crop(
     if volume.ndim != 3:
         raise ValueError(f"volume must be (slices, rows, cols), got shape {volume.shape}")
     k = int(round(float(slice_index)))
-    slices = _slice_indices(volume.shape[0], k, channels, n_channels)
+    slices = _slice_indices(volume.shape[0], k, channels, n_channels, slab_ids)
     offsets = np.arange(size_px, dtype=np.float64) - size_px // 2
     if mm is None:
         rows = math.floor(float(y) + 0.5) + offsets
@@ -147,17 +173,38 @@ def extract_crops(
     pixel_spacing: tuple[float, float] | None = None,
     n_channels: int = 3,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    slab_ids: np.ndarray | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Crops for many points of one volume: ``points`` is (N, 3) of (slice_index, x, y);
-    returns (N, n_channels, size_px, size_px) float32."""
+    returns (N, n_channels, size_px, size_px) float32. ``slab_ids`` as in :func:`extract_crop`."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     out = np.empty((len(pts), n_channels, size_px, size_px), dtype=np.float32)
     for i, (k, x, y) in enumerate(pts):
         out[i] = extract_crop(
             volume, int(round(k)), x, y, size_px=size_px, channels=channels, mm=mm,
-            pixel_spacing=pixel_spacing, n_channels=n_channels, percentiles=percentiles,
+            pixel_spacing=pixel_spacing, n_channels=n_channels, percentiles=percentiles, slab_ids=slab_ids,
         )
     return out
+
+
+def extract_neighbour_crops(
+    volume: np.ndarray,
+    points: np.ndarray | Sequence[Sequence[float]],
+    slab_ids: np.ndarray | Sequence[int] | None = None,
+    **crop_args,
+) -> np.ndarray:
+    """(N, 2, C, size_px, size_px): for each point (k, x, y) the crops at the same (x, y) on
+    slices k - 1 and k + 1 of k's slab (:func:`neighbour_slices`; where the slab ends, the crop
+    of k itself), cut as :func:`extract_crops` with ``crop_args``. The grader trains on them as
+    slice-localisation noise: a detector's point sits on a neighbouring slice now and then."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    n = np.asarray(volume).shape[0] if np.asarray(volume).ndim == 3 else 1
+    shifted = []
+    for side in (0, 1):
+        moved = pts.copy()
+        moved[:, 0] = [neighbour_slices(n, int(round(k)), slab_ids)[side] for k in pts[:, 0]]
+        shifted.append(extract_crops(volume, moved, slab_ids=slab_ids, **crop_args))
+    return np.stack(shifted, axis=1)
 
 
 def mirror_axis(series_type: str | None, channels: str = "repeat") -> int | None:

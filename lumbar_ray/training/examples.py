@@ -1,5 +1,6 @@
-"""Training examples cut from labelled studies: scorer crops at the labelled points, and the
-labelled slices with their points for the detectors; one study at a time (pure), or every study
+"""Training examples cut from labelled studies: scorer crops at the labelled points (and at the
+slices either side, the slice noise the grader trains with), and the labelled slices with their
+points for the detectors; one study at a time (pure), or every study
 in parallel Ray tasks, pooled for the trials."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from lumbar_ray.config import ScorerConfig, TrainConfig
 from lumbar_ray.training.detector_data import DetectorSample, samples_from_series
 from lumbar_ray.dicom.errors import DicomReadError
 from lumbar_ray.dicom.read import load_descriptions, read_study
-from lumbar_ray.models.crops import extract_crops
+from lumbar_ray.models.crops import CROP_SIZE, extract_crops, extract_neighbour_crops
 from lumbar_ray.storage import ray_remote_args_with_storage_env
 from lumbar_ray.targets import SERIES_TYPES, TARGETS
 
@@ -34,6 +35,18 @@ class StudyExamples:
     # labelled slices for the detectors, by series type
     slices: dict[str, list[DetectorSample]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # what could not be used, and why
+    # (n, 2, C, 32, 32) float32: crops[i]'s point on slices k-1 and k+1 of its slab (a copy of
+    # crops[i] where the slab ends), for the grader's slice jitter (training.crop_data).
+    # Memory: 2 x C x 32 x 32 float32 = 24 KiB more per labelled point (C = 3) beside its crop's
+    # 12 KiB, so the examples triple: ~120 MB more for the ~5,000 points of 200 studies, ~1.2 GB
+    # for the RSNA training set's ~49,000. They sit once in the object store; each scorer worker
+    # copies its training folds' rows (as it does the crops).
+    neighbour_crops: np.ndarray | None = None
+
+
+def empty_crops(n_channels: int = 3, neighbours: bool = False) -> np.ndarray:
+    """No crops: (0, C, 32, 32), or (0, 2, C, 32, 32) for the neighbour crops."""
+    return np.zeros((0,) + ((2,) if neighbours else ()) + (n_channels, CROP_SIZE, CROP_SIZE), np.float32)
 
 
 def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: ScorerConfig,
@@ -45,16 +58,17 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
     :data:`lumbar_ray.training.detector_data.DEFAULT_NEGATIVE_GAP`).
 
     A point whose series or instance cannot be read is recorded in ``problems``, never dropped
-    silently.
+    silently. 2.5D crops and the neighbour crops stay within the point's slab
+    (:meth:`lumbar_ray.dicom.series.Series.slab_ids`).
     """
     problems: list[str] = []
-    crops, kept = [], []
+    crops, neighbour_crops, kept = [], [], []
     slices: dict[str, list[DetectorSample]] = {}
     try:
         study = read_study(root, study_id, split=split, descriptions=descriptions)
     except DicomReadError as exc:
-        return StudyExamples(int(study_id), np.zeros((0, 3, 32, 32), np.float32),
-                             pd.DataFrame(columns=POINT_COLUMNS), {}, [f"study {study_id}: {exc}"])
+        return StudyExamples(int(study_id), empty_crops(), pd.DataFrame(columns=POINT_COLUMNS), {},
+                             [f"study {study_id}: {exc}"], empty_crops(neighbours=True))
     for skipped in study.skipped:
         problems.append(f"study {study_id}: skipped {skipped.path}: {skipped.reason}")
     n_channels = 3
@@ -75,8 +89,11 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
         if not rows:
             continue
         pts = np.array([(k, x, y) for k, x, y, _ in rows], dtype=np.float64)
-        crops.append(extract_crops(series.volume, pts, channels=scorer.channels, mm=scorer.crop_mm,
-                                   pixel_spacing=tuple(series.pixel_spacing), n_channels=n_channels))
+        crop_args = dict(channels=scorer.channels, mm=scorer.crop_mm, pixel_spacing=tuple(series.pixel_spacing),
+                         n_channels=n_channels)
+        slab_ids = series.slab_ids()
+        crops.append(extract_crops(series.volume, pts, slab_ids=slab_ids, **crop_args))
+        neighbour_crops.append(extract_neighbour_crops(series.volume, pts, slab_ids=slab_ids, **crop_args))
         kept.extend(r for *_, r in rows)
         if with_slices:
             # The coordinates say which series type the points were labelled on.
@@ -84,8 +101,10 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
             slices.setdefault(series_type, []).extend(
                 samples_from_series(series, group, series_type, negatives=negatives, negative_gap=negative_gap))
     frame = pd.DataFrame([{c: getattr(r, c) for c in POINT_COLUMNS} for r in kept], columns=POINT_COLUMNS)
-    all_crops = np.concatenate(crops) if crops else np.zeros((0, n_channels, 32, 32), np.float32)
-    return StudyExamples(int(study_id), all_crops.astype(np.float32), frame, slices, problems)
+    all_crops = np.concatenate(crops) if crops else empty_crops(n_channels)
+    all_neighbours = np.concatenate(neighbour_crops) if neighbour_crops else empty_crops(n_channels, neighbours=True)
+    return StudyExamples(int(study_id), all_crops.astype(np.float32), frame, slices, problems,
+                         all_neighbours.astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +120,8 @@ class TrainingExamples:
     points: pd.DataFrame  # POINT_COLUMNS, row i <-> crops[i]
     slices: dict  # series type -> list[DetectorSample]
     problems: list[str]
+    # (N, 2, C, 32, 32): crops[i] on the slices either side (StudyExamples.neighbour_crops)
+    neighbour_crops: np.ndarray | None = None
 
 
 def _examples_for_studies(root: str, split: str, study_ids: list[int], points: pd.DataFrame, scorer_cfg: dict,
@@ -124,11 +145,13 @@ def prepare_examples(cfg: TrainConfig, points: pd.DataFrame, with_slices: bool) 
                         dataclasses.asdict(cfg.scorer), with_slices, cfg.detector.negatives,
                         cfg.detector.negative_gap) for chunk in chunks]
     per_study = [ex for part in ray.get(refs) for ex in part]
-    crops = [ex.crops for ex in per_study if len(ex.crops)]
+    with_crops = [ex for ex in per_study if len(ex.crops)]
     frames = [ex.points for ex in per_study if len(ex.points)]
     return TrainingExamples(
-        crops=np.concatenate(crops) if crops else np.zeros((0, 3, 32, 32), np.float32),
+        crops=np.concatenate([ex.crops for ex in with_crops]) if with_crops else empty_crops(),
         points=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
         slices={st: [s for ex in per_study for s in ex.slices.get(st, [])] for st in SERIES_TYPES},
         problems=[p for ex in per_study for p in ex.problems],
+        neighbour_crops=(np.concatenate([ex.neighbour_crops for ex in with_crops]) if with_crops
+                         else empty_crops(neighbours=True)),
     )

@@ -39,9 +39,13 @@ def scorer_worker_loop(cfg: dict) -> None:
     labels = points["label"].to_numpy(dtype=np.int64)
     torch.manual_seed(cfg["seed"])
     # One scorer grades every series type, so no single mirror rule applies: no flips
-    # (CropDataset's series_type=None); the other augmentations are label-preserving.
+    # (CropDataset's series_type=None); the other augmentations are label-preserving. The
+    # training rows also get the localisation noise of detection (a neighbouring slice's crop,
+    # a few mm of shift); validation (final_scorer_files) grades the labelled slice's crops.
+    neighbours = None if examples.neighbour_crops is None else examples.neighbour_crops[train_idx]
     dataset = CropDataset(examples.crops[train_idx], labels[train_idx], channels=sc.channels,
-                          max_factor=sc.max_oversample, seed=cfg["seed"])
+                          max_factor=sc.max_oversample, seed=cfg["seed"], neighbour_crops=neighbours,
+                          crop_mm=sc.crop_mm)
     loader = torch.utils.data.DataLoader(dataset, batch_size=sc.batch_size, shuffle=True, drop_last=False)
     loader = ray.train.torch.prepare_data_loader(loader)
     model = DeepScoreNet(in_channels=examples.crops.shape[1])
