@@ -173,4 +173,8 @@ class ScoreConfig:
     # cluster after the old one died finds the dead run's lock until its heartbeat goes stale
     # (5 min); cluster/kuberay/rayjob-score.yaml waits for that instead of failing the retry.
     lock_wait_s: float = 0.0
+    # Times a batch of studies is tried again after the process running it died (a decoder
+    # crash, the OOM killer); then its studies are scored one at a time, each step tried this
+    # many times again, and a study that still kills its process is recorded as WorkerCrashed.
+    crash_retries: int = 1
     study_ids: list[str] | None = None  # score only these

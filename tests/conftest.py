@@ -93,6 +93,53 @@ def killed_trials(tmp_path_factory):
     return markers, kill_first_attempt(KILLED_JOB, KILLED_AT_EPOCH, str(markers))
 
 
+# ----- fault injection: a study that kills the scoring process that detects it -----------------
+
+
+def crash_on_studies(markers: str):
+    """A Ray ``worker_process_setup_hook``: while ``{markers}/armed`` exists, detecting any study
+    whose id is a line of ``{markers}/poison`` ends the process at once (``os._exit``, as a
+    decoder crash or the OOM killer would: no exception, no cleanup), in the pipeline's detector
+    actors and in the one-study tasks alike. Each crash leaves a file ``crash-*`` in ``markers``.
+    It wraps ``lumbar_ray.scoring.pipeline.detect_study``, the name DetectStage calls."""
+
+    def install() -> None:
+        import os
+        import time
+        from pathlib import Path
+
+        from lumbar_ray.scoring import pipeline
+
+        detect = pipeline.detect_study
+
+        def detect_or_die(bundle, study, *args, **kwargs):
+            armed, poison = Path(markers, "armed"), Path(markers, "poison")
+            if armed.exists() and poison.exists() and str(study.study_id) in poison.read_text().split():
+                Path(markers, f"crash-{study.study_id}-{os.getpid()}-{time.time_ns()}").touch()
+                os._exit(1)
+            return detect(bundle, study, *args, **kwargs)
+
+        pipeline.detect_study = detect_or_die
+
+    return install
+
+
+@pytest.fixture(scope="module")
+def ray_runtime_crashing_studies(tmp_path_factory):
+    """(Ray runtime, markers folder): a module's own local runtime, 2 CPUs, with
+    :func:`crash_on_studies` installed in every worker (disarmed until ``{markers}/armed`` exists)."""
+    import ray
+
+    markers = tmp_path_factory.mktemp("crashing-studies")
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env=with_setup_hook(crash_on_studies(str(markers))))
+    try:
+        yield ray, markers
+    finally:
+        ray.shutdown()
+
+
 def with_setup_hook(hook) -> dict:
     """A fresh ``runtime_env`` for each ``ray.init``: Ray writes the exported hook's key (which
     names the job) into the dict it is given, and a second ``ray.init`` with that dict would

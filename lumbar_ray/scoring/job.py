@@ -28,6 +28,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score at most this many (new) studies")
     p.add_argument("--retry-errors", action="store_true", help="score again studies that only have error rows (those whose rows are all retryable, "
                         "storage having failed transiently, are scored again without it)")
+    p.add_argument("--crash-retries", type=int, default=d.crash_retries,
+                   help="times a batch whose worker process died is tried again; then its studies are scored one "
+                        "at a time, and one that still kills its process is recorded as WorkerCrashed")
     p.add_argument("--lock-wait", type=float, default=d.lock_wait_s,
                    help="seconds to wait while another run holds --out (its scoring.lock) before giving up")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
@@ -38,6 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(input=args.input, models=args.models, out=args.out, split=args.split, run_id=args.run_id,
                        limit=args.limit, retry_errors=args.retry_errors, lock_wait_s=args.lock_wait,
+                       crash_retries=args.crash_retries,
                        **resource_kwargs(args))
 
 
@@ -67,6 +71,12 @@ def main(args: argparse.Namespace) -> int:
         return report_expected(exc)
     print(f"run_id: {summary.run_id}  model_version: {summary.model_version}  "
           f"scored: {summary.n_scored}  failed: {summary.n_failed}  skipped (done before): {summary.n_skipped_done}")
+    if summary.crashed:
+        # A permanent failure like a corrupt study (exit status unchanged): a rerun would crash
+        # again, and a RayJob retrying the run for it would redo everything else for nothing.
+        shown = ", ".join(summary.crashed[:10]) + (f" (+{len(summary.crashed) - 10} more)" if len(summary.crashed) > 10 else "")
+        print(f"crashed: {len(summary.crashed)} studies killed their worker process on every try, recorded with "
+              f"error_type WorkerCrashed: {shown}", file=sys.stderr, flush=True)
     if summary.n_retryable:
         # Its own exit status, so that a RayJob's backoffLimit (or any scheduler) retries the run.
         print(f"transient: {summary.n_retryable} studies failed transiently (storage did not answer); "

@@ -32,6 +32,8 @@ from lumbar_ray.scoring.study import (
     error_frame,
     error_row,
     grade_crops,
+    is_out_of_memory,
+    is_study_failure,
     require_readable,
     study_rows,
 )
@@ -96,7 +98,9 @@ def read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame 
         study = read_study(root, study_id, split=split, descriptions=descriptions)
         require_readable(study)
         item = StudyItem(study_id, study=pack_volumes(study))
-    except Exception as exc:  # recorded, never raised: one bad study must not stop the job
+    except Exception as exc:  # recorded: one bad study must not stop the job; a bug propagates
+        if not is_study_failure(exc):
+            raise
         item = StudyItem(study_id, error=failure_row(study_id, "read", exc))
     return {"study_id": study_id, "item": item}
 
@@ -121,7 +125,9 @@ class DetectStage:
             if item.study is not None:
                 try:
                     item.detected = detect_study(self.bundle, item.study, batch_size=self.slice_batch)
-                except Exception as exc:
+                except Exception as exc:  # a bad study, or out of memory in batches of one; a bug propagates
+                    if not is_study_failure(exc):
+                        raise
                     item.error = failure_row(item.study_id, "detect", exc)
                 item.study = None  # the volumes are not needed downstream
             items.append(item)
@@ -139,9 +145,7 @@ class ScoreStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         now = pd.Timestamp.now(tz="UTC")
         version, items = self.bundle.version, list(batch["item"])
-        ready = [item.detected for item in items if item.detected is not None]
-        crops = np.concatenate([d.crops for d in ready]) if ready else np.zeros((0, 3, 32, 32), np.float32)
-        probs = grade_crops(self.bundle, crops)
+        probs = self.grade(items)
         offset = 0
         for item in items:
             detected = item.detected
@@ -155,6 +159,22 @@ class ScoreStage:
             item.errors = error_rows_frame(detected.errors, version, self.run_id, now)
             item.detected = None
         return {"study_id": batch["study_id"], "item": object_array(items)}
+
+    def grade(self, items: list[StudyItem]) -> np.ndarray:
+        """The probabilities of the crops of every detected study of ``items``, in one pass. When
+        even batches of one crop run out of memory, each of those studies gets that error as its
+        row instead (stage "score"; the crops are not one study's fault, so none is scored)."""
+        ready = [item.detected for item in items if item.detected is not None]
+        crops = np.concatenate([d.crops for d in ready]) if ready else np.zeros((0, 3, 32, 32), np.float32)
+        try:
+            return grade_crops(self.bundle, crops)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            for item in items:
+                if item.detected is not None:
+                    item.error, item.detected = failure_row(item.study_id, "score", exc), None
+            return np.zeros((0, 3), np.float32)
 
 
 def object_array(values: list) -> np.ndarray:
@@ -179,29 +199,49 @@ class ScoreSummary:
     # Of n_failed: studies whose only rows are retryable (storage failed transiently); the next
     # run of the same command scores them.
     n_retryable: int = 0
+    # Of n_failed: studies that killed their worker process on every try (error_type WorkerCrashed).
+    crashed: list[str] = field(default_factory=list)
 
     @property
     def studies_per_s(self) -> float:
         return self.n_scored / self.seconds if self.seconds > 0 else float("nan")
 
 
+def actor_crash_bounds(cfg: ScoreConfig, n_studies: int) -> dict[str, int]:
+    """``max_task_retries`` and ``max_restarts`` of a stage's actors. Ray Data's defaults (-1,
+    -1) retry a batch whose actor died for ever: one study that kills its process (a decoder
+    crash, the OOM killer) would loop. A batch is tried ``1 + crash_retries`` times; then it
+    fails, the run drops it (``max_errored_blocks``) and scores its studies one at a time
+    (:func:`score_alone`). Restarts are bounded too, by what those tries can use up (every
+    block holds at least one study): in Ray 2.60 an actor past its ``max_restarts`` stays dead
+    in its pool and is never replaced, so a smaller bound would leave the run waiting for ever."""
+    tries = 1 + max(0, cfg.crash_retries)
+    return {"max_task_retries": tries - 1, "max_restarts": tries * max(1, n_studies)}
+
+
 def build_dataset(cfg: ScoreConfig, study_ids: list[str], run_id: str, descriptions: pd.DataFrame | None):
-    """The Ray Data plan (lazy): read -> detect -> score."""
+    """The Ray Data plan (lazy): read -> detect -> score. A batch that fails for good (its
+    process died on every try) is dropped, not fatal: the driver scores its studies again."""
     ds = ray.data.from_items([{"study_id": s} for s in study_ids], override_num_blocks=max(1, len(study_ids)))
     read_kwargs = {"root": cfg.input, "split": cfg.split, "descriptions": descriptions}
+    read_args = ray_remote_args_with_storage_env(max_retries=max(0, cfg.crash_retries))
     if cfg.read_batch_studies > 1:
         ds = ds.map_batches(read_study_rows, fn_kwargs=read_kwargs, batch_size=cfg.read_batch_studies,
-                            batch_format="numpy", num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
+                            batch_format="numpy", num_cpus=cfg.read_cpus, **read_args)
     else:
-        ds = ds.map(read_study_row, fn_kwargs=read_kwargs, num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env())
+        ds = ds.map(read_study_row, fn_kwargs=read_kwargs, num_cpus=cfg.read_cpus, **read_args)
+    actor_args = ray_remote_args_with_storage_env(**actor_crash_bounds(cfg, len(study_ids)))
     ds = ds.map_batches(DetectStage, fn_constructor_kwargs={"models": cfg.models, "slice_batch": cfg.slice_batch},
                         compute=ray.data.ActorPoolStrategy(size=cfg.detector_pool), num_gpus=cfg.detector_gpus,
                         num_cpus=cfg.detector_cpus, batch_size=cfg.detector_batch_studies, batch_format="numpy",
-                        **ray_remote_args_with_storage_env())
+                        **actor_args)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"models": cfg.models, "run_id": run_id},
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_pool), num_gpus=cfg.scorer_gpus,
                         num_cpus=cfg.scorer_cpus, batch_size=cfg.scorer_batch_studies, batch_format="numpy",
-                        **ray_remote_args_with_storage_env())
+                        **actor_args)
+    # Every dropped batch's studies are scored again alone (score_holding_lock): nothing is lost,
+    # and a bug (which fails every batch) still surfaces there, from the first study.
+    ds.context.max_errored_blocks = -1
     # Each row carries a StudyItem, which Arrow cannot hold: Ray Data stores such columns as
     # pickled objects by design. Saying so (instead of leaving the setting unset) keeps it from
     # logging "Failed to convert column 'item' into pyarrow array" in every worker of every job.
@@ -256,6 +296,7 @@ class PartFiles:
     n_with_errors: int = 0
     n_failed: int = 0
     n_retryable: int = 0  # of n_failed: only retryable error rows (storage failed transiently)
+    crashed: list[str] = field(default_factory=list)  # of n_failed: killed their process (WorkerCrashed)
     rows: int = 0
     pending: int = 0  # studies since the last flush
     predictions: list[pd.DataFrame] = field(default_factory=list)
@@ -272,6 +313,8 @@ class PartFiles:
             self.n_failed += 1
             retryable = errs["retryable"] if errs is not None and "retryable" in errs else None
             self.n_retryable += int(retryable is not None and len(retryable) > 0 and bool(retryable.all()))
+            if item.error is not None and item.error.get("error_type") == WORKER_CRASHED:
+                self.crashed.append(item.study_id)
         if errs is not None and len(errs):
             self.errors.append(errs)
         self.pending += 1
@@ -293,20 +336,82 @@ def score_holding_lock(cfg: ScoreConfig, run_id: str, model_version: str, lock: 
     parts = PartFiles(OutputWriter(cfg.out, run_id, model_version), lock)
     started = time.time()
     if todo:
+        seen: set[str] = set()
         for batch in build_dataset(cfg, todo, run_id, descriptions).iter_batches(batch_size=None,
                                                                                  batch_format="numpy"):
             for item in batch["item"]:
                 parts.add(item)
+                seen.add(item.study_id)
             if parts.pending >= cfg.flush_studies:
                 parts.flush()
                 done = parts.n_scored + parts.n_failed
                 echo(f"[score] {done}/{len(todo)} studies, {done / max(time.time() - started, 1e-9):.2f} studies/s")
         parts.flush()
+        dropped = [s for s in todo if s not in seen]
+        if dropped:
+            echo(f"[score] {len(dropped)} studies were in batches whose worker process died on every try; "
+                 "scoring them one at a time")
+            for study_id in dropped:
+                parts.add(score_alone(cfg, study_id, run_id, model_version, descriptions))
+                if parts.pending >= cfg.flush_studies:
+                    parts.flush()
+            parts.flush()
     parts.writer.close()
     seconds = time.time() - started
     summary = ScoreSummary(run_id, model_version, n_listed, n_done, parts.n_scored, parts.n_with_errors,
-                           parts.n_failed, seconds, parts.rows, n_retryable=parts.n_retryable)
+                           parts.n_failed, seconds, parts.rows, n_retryable=parts.n_retryable,
+                           crashed=parts.crashed)
     echo(f"[score] done: {parts.n_scored} scored ({parts.n_with_errors} with recorded problems), "
-         f"{parts.n_failed} failed ({parts.n_retryable} of them transiently: storage), "
-         f"{parts.rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
+         f"{parts.n_failed} failed ({parts.n_retryable} of them transiently: storage; {len(parts.crashed)} "
+         f"killed their worker process), {parts.rows} prediction rows in {seconds:.1f} s -> {cfg.out}")
     return summary
+
+
+# Ray's errors for a task whose process died under it: a crash (os._exit, SIGSEGV, SIGKILL), Ray's
+# memory monitor or the kernel's OOM killer, a lost node.
+PROCESS_DIED = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError,
+                ray.exceptions.RayActorError)
+WORKER_CRASHED = "WorkerCrashed"  # error_type of a study that killed its process on every try
+
+
+def detect_alone(models: str, slice_batch: int, item: StudyItem) -> StudyItem:
+    """A Ray task: :class:`DetectStage` (its models loaded here) over the one study ``item``."""
+    return DetectStage(models, slice_batch)({"study_id": np.array([item.study_id]), "item": object_array([item])})["item"][0]
+
+
+def score_alone_stage(models: str, run_id: str, item: StudyItem) -> StudyItem:
+    """A Ray task: :class:`ScoreStage` (its model loaded here) over the one study ``item``."""
+    return ScoreStage(models, run_id)({"study_id": np.array([item.study_id]), "item": object_array([item])})["item"][0]
+
+
+def score_alone(cfg: ScoreConfig, study_id: str, run_id: str, model_version: str,
+                descriptions: pd.DataFrame | None) -> StudyItem:
+    """One study of a dropped batch, on its own: read, detect and score, each a Ray task with the
+    stage's resources, tried ``1 + crash_retries`` times when its process dies. A study that
+    kills its process on every try gets one error row (``WorkerCrashed``, the stage that died,
+    not retryable) and no predictions; its batch-mates are scored as in the pipeline. Models are
+    loaded per task: slow, but only for the few studies of a failed batch."""
+    retries = {"max_retries": max(0, cfg.crash_retries)}
+    stage = "read"
+    try:
+        read = ray.remote(read_study_row).options(num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env(**retries))
+        item = ray.get(read.remote({"study_id": study_id}, cfg.input, cfg.split, descriptions))["item"]
+        if item.study is not None:
+            stage = "detect"
+            detect = ray.remote(detect_alone).options(num_cpus=cfg.detector_cpus, num_gpus=cfg.detector_gpus,
+                                                      **ray_remote_args_with_storage_env(**retries))
+            item = ray.get(detect.remote(cfg.models, cfg.slice_batch, item))
+        if item.detected is None:  # failed as a whole: its row needs no model
+            item.errors = error_rows_frame([item.error], model_version, run_id, pd.Timestamp.now(tz="UTC"))
+            return item
+        stage = "score"
+        grade = ray.remote(score_alone_stage).options(num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus,
+                                                      **ray_remote_args_with_storage_env(**retries))
+        return ray.get(grade.remote(cfg.models, run_id, item))
+    except PROCESS_DIED as exc:
+        row = {"study_id": study_id, "series_id": None, "stage": stage, "error_type": WORKER_CRASHED,
+               "message": (f"the {stage} process died on each of {1 + max(0, cfg.crash_retries)} tries with this "
+                           f"study alone ({type(exc).__name__}): {exc}")[:1000], "retryable": False}
+        log.error("study %s killed its %s process on every try; recorded as %s", study_id, stage, WORKER_CRASHED)
+        return StudyItem(study_id, error=row,
+                         errors=error_rows_frame([row], model_version, run_id, pd.Timestamp.now(tz="UTC")))

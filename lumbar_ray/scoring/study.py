@@ -5,16 +5,19 @@ call these same functions, so the two agree to the last bit of arithmetic they s
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import SCORER, detector_job
+from lumbar_ray.dicom.errors import DicomReadError
 from lumbar_ray.dicom.read import load_descriptions, read_study
+from lumbar_ray.errors import UserError
 from lumbar_ray.models import ultralytics_env
 from lumbar_ray.models.compat import (
     IncompatibleModelError,
@@ -23,6 +26,7 @@ from lumbar_ray.models.compat import (
     read_weights,
 )
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
+from lumbar_ray.storage import is_transient
 from lumbar_ray.targets import (
     AXIAL_T2,
     LEVELS,
@@ -160,6 +164,59 @@ def require_readable(study) -> None:
                                + (f"; skipped {reasons}{more}" if reasons else "; the folder holds no DICOM series"))
 
 
+# What a bad study can raise while it is read, detected and cropped: files that are missing,
+# unreadable or not DICOM (DicomReadError, OSError), storage that failed (UserError:
+# StorageUnavailableError, DataLayoutError; raw transient errors via is_transient), a study with
+# nothing to read (UnreadableStudyError), geometry that does not add up (ValueError, IndexError,
+# ArithmeticError from NumPy/SciPy on degenerate orientations, spacings or sizes). Everything else
+# (TypeError, AttributeError, KeyError, RuntimeError, ...) is a bug in this code and propagates:
+# recorded as a study's error row it would be repeated on every study and read as bad data.
+STUDY_ERRORS: tuple[type[BaseException], ...] = (
+    DicomReadError, UnreadableStudyError, UserError, OSError, ValueError, IndexError, ArithmeticError)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Device (``torch.cuda.OutOfMemoryError``) or host (``MemoryError``) out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only a process that imported torch can raise its error
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def is_study_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is something a bad study (or the memory it needs) causes, to record as
+    its error row; false for a bug, which must propagate."""
+    return isinstance(exc, STUDY_ERRORS) or is_transient(exc) or is_out_of_memory(exc)
+
+
+T = TypeVar("T")
+
+
+def halving_on_oom(call: Callable[[int], T], batch_size: int, what: str) -> T:
+    """``call(batch_size)``; when it runs out of memory, again with half the batch, down to 1
+    (then the out-of-memory error propagates, for the caller to record). Why: a study with more
+    or larger slices than the batch size was tuned for must still score, only slower."""
+    size = max(1, int(batch_size))
+    while True:
+        try:
+            return call(size)
+        except Exception as exc:
+            if size == 1 or not is_out_of_memory(exc):
+                raise
+            log.warning("%s: out of memory in batches of %d (%s); retrying in batches of %d",
+                        what, size, type(exc).__name__, size // 2)
+        # Here, after the except block: the failed pass's tensors, held by its traceback, are free.
+        size //= 2
+        release_device_cache()
+
+
+def release_device_cache() -> None:
+    """Hand the CUDA caching allocator's free blocks back, so a smaller batch can use them."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def error_row(study_id: str, stage: str, exc: BaseException, series_id: str | None = None,
               max_chars: int = 1000) -> dict:
     """One row of the errors table for an exception at ``stage`` (read | detect)."""
@@ -255,9 +312,17 @@ def _run_detectors(bundle: ModelBundle, study, batch_size: int, timings, flags: 
             continue
         for series in series_list:
             try:
-                detections = detect_series(detector, series, conf=bundle.detector_conf, device=bundle.device,
-                                           batch_size=batch_size, timings=timings)
-            except Exception as exc:  # one bad series must not lose the study's other rows
+                detections = halving_on_oom(
+                    lambda size, detector=detector, series=series: detect_series(
+                        detector, series, conf=bundle.detector_conf, device=bundle.device, batch_size=size,
+                        timings=timings),
+                    batch_size, f"study {study_id} series {series.series_id}")
+            except Exception as exc:
+                # One bad series must not lose the study's other rows; but a bug propagates, and
+                # out of memory even in batches of one fails the whole study (recorded by the
+                # caller) rather than leaving prior-filled rows behind as if the series were bad.
+                if is_out_of_memory(exc) or not is_study_failure(exc):
+                    raise
                 flags.append(f"detect_failed:{series_type}")
                 errors.append(error_row(study_id, "detect", exc, series_id=str(series.series_id), max_chars=500))
                 continue
@@ -373,7 +438,8 @@ CPU_GRADE_BATCH = 32
 
 def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """DeepScoreNet's probabilities of ``crops``: on a CPU in fixed batches of
-    :data:`CPU_GRADE_BATCH`, on a GPU in batches of up to 512 (``batch_size`` overrides)."""
+    :data:`CPU_GRADE_BATCH`, on a GPU in batches of up to 512 (``batch_size`` overrides); halved
+    on out of memory (:func:`halving_on_oom`)."""
     from lumbar_ray.models.deepscorenet import predict_proba  # heavy: torch
 
     if len(crops) == 0:
@@ -382,7 +448,9 @@ def grade_crops(bundle: ModelBundle, crops: np.ndarray, batch_size: int | None =
         raise RuntimeError(f"model bundle {bundle.version} was loaded without its scorer (parts={bundle.parts})")
     on_cpu = bundle.device.type == "cpu"
     size = batch_size or (CPU_GRADE_BATCH if on_cpu else 512)
-    return predict_proba(bundle.scorer, crops, batch_size=size, device=bundle.device, fixed_batch=on_cpu)
+    return halving_on_oom(
+        lambda n: predict_proba(bundle.scorer, crops, batch_size=n, device=bundle.device, fixed_batch=on_cpu),
+        size, f"grading {len(crops)} crops")
 
 
 def error_frame(errors: list[dict], version: str, run_id: str, recorded_at: pd.Timestamp) -> pd.DataFrame:
@@ -399,15 +467,20 @@ def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split
     now = pd.Timestamp.now(tz="UTC")
     preds, errs = [], []
     for study_id in study_ids:
+        stage = "read"
         try:
             study = read_study(root, study_id, split=split, descriptions=descriptions)
             require_readable(study)
-        except Exception as exc:
-            errs.append(error_frame([error_row(str(study_id), "read", exc)], bundle.version, run_id, now))
+            stage = "detect"
+            detected = detect_study(bundle, study)
+            stage = "score"
+            probs = grade_crops(bundle, detected.crops)
+        except Exception as exc:  # a bad study (or one too large for the memory) is recorded; a bug is not
+            if not is_study_failure(exc):
+                raise
+            errs.append(error_frame([error_row(str(study_id), stage, exc)], bundle.version, run_id, now))
             continue
-        detected = detect_study(bundle, study)
-        preds.append(study_rows(detected, grade_crops(bundle, detected.crops), bundle.version, bundle.priors,
-                                run_id, now))
+        preds.append(study_rows(detected, probs, bundle.version, bundle.priors, run_id, now))
         errs.append(error_frame(detected.errors, bundle.version, run_id, now))
     pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     errs = [e for e in errs if len(e)]
