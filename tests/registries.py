@@ -15,11 +15,11 @@ def registry_with_versions(root, *versions) -> ModelRegistry:
     return registry
 
 
-def untrained_registry(root) -> str:
+def untrained_registry(root, card: dict | None = None) -> str:
     """``REGISTRY@v1`` of untrained models (seeded) under ``root``: three detectors and DeepScoreNet
     whose files fit the card, so scoring runs every stage in seconds without a trained fixture.
     Untrained detectors score every box far below the usual threshold: the card takes them all
-    (conf 1e-9), so every row depends on the pixels read."""
+    (conf 1e-9), so every row depends on the pixels read. ``card``: more model-card entries."""
     import torch
 
     from lumbar_ray.config import SCORER, detector_job
@@ -43,5 +43,5 @@ def untrained_registry(root) -> str:
     registry = ModelRegistry(str(root / "registry"))
     registry.publish("v1", files, {"models": models, "input_spec": {
         "scorer": {"in_channels": 3, "classes": list(SEVERITIES)}, "detectors": detectors},
-        "config": {"detector": {"conf": 1e-9}}})
+        "config": {"detector": {"conf": 1e-9}}, **(card or {})})
     return f"{registry.root}@v1"

@@ -187,7 +187,7 @@ def test_pipeline_stages_record_bad_studies_and_raise_bugs(monkeypatch):
         pipeline.read_study_row({"study_id": 1}, "root", "test", None)
 
     scorer = object.__new__(pipeline.ScoreStage)
-    scorer.bundle, scorer.run_id = SimpleNamespace(version="v1", priors={}), "r"
+    scorer.bundle, scorer.run_id = SimpleNamespace(version="v1", priors={}, temperatures={}), "r"
     monkeypatch.setattr(pipeline, "grade_crops", lambda *a, **k: (_ for _ in ()).throw(_oom()))
     detected = SimpleNamespace(crops=np.zeros((2, 3, 32, 32), np.float32))
     item = pipeline.StudyItem("8", detected=detected)

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from lumbar_ray.config import SCORER
+from lumbar_ray.metrics.calibration import TEMPERATURE_BOUNDS
 from lumbar_ray.models.registry import ChecksumMismatchError, ModelRegistry
+from lumbar_ray.targets import TARGETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -56,9 +58,15 @@ def test_killed_worker_resumed_from_its_checkpoint(trained, killed_trials):
 
 def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
     table = trained.metric_table
-    assert set(table["model"]) == {"deepscorenet", "baseline_majority", "baseline_prior", "baseline_weighted_prior"}
+    assert set(table["model"]) == {"deepscorenet", "deepscorenet_calibrated", "baseline_majority", "baseline_prior",
+                                   "baseline_weighted_prior"}
     n = table[table["group"] == "all"].set_index("model")["n"]
     assert n.nunique() == 1 and n.iloc[0] > 0
+    # temperatures per condition in the card, with the out-of-fold score and ECE before/after
+    calibration = ModelRegistry(trained.registry).manifest(trained.version)["calibration"]
+    assert set(calibration["temperatures"]) == {t.condition.slug for t in TARGETS}
+    assert all(TEMPERATURE_BOUNDS[0] <= v <= TEMPERATURE_BOUNDS[1] for v in calibration["temperatures"].values())
+    assert {"rsna_score", "ece"} <= set(calibration["oof_before"]) == set(calibration["oof_after_cross_fitted"])
     assert "detector_sagittal_t2_stir" in set(trained.detector_table["detector"])
     assert {"within_5mm", "within_5mm_3d"} <= set(trained.detector_table.columns)
 
@@ -171,7 +179,7 @@ def test_training_examples_carry_neighbour_crops_within_the_slab(slab_study_root
     from lumbar_ray.dicom.read import read_study
     from lumbar_ray.metrics import labels as label_io
     from lumbar_ray.models.crops import extract_crop, neighbour_slices
-    from lumbar_ray.targets import AXIAL_T2
+    from lumbar_ray.targets import AXIAL_T2, TARGETS
     from lumbar_ray.training.examples import study_examples
 
     root = str(slab_study_root)

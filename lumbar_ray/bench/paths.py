@@ -100,7 +100,8 @@ def paper_style_loop(bundle, root: str, study_ids: Sequence[str], split: str = "
             log.warning("paper loop: study %s failed: %s", study_id, exc)
             failed += 1
             continue
-        frames.append(scoring.study_rows(detected, probs, bundle.version, bundle.priors, run_id, now))
+        frames.append(scoring.study_rows(detected, probs, bundle.version, bundle.priors, run_id, now,
+                                         bundle.temperatures))
     if out_parquet and frames:
         pd.concat(frames, ignore_index=True).to_parquet(out_parquet, index=False)
     return len(frames), failed

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from lumbar_ray import storage
 from lumbar_ray.metrics import rsna as metrics
+from lumbar_ray.metrics.calibration import expected_calibration_error
 from lumbar_ray.outputs.store import normalised_probabilities, select_scores
 from lumbar_ray.targets import PROBABILITY_COLUMNS
 
@@ -72,7 +73,9 @@ def evaluate_scores(
         "majority": rows.join(metrics.majority_baseline(fit_on)[_PROBS], on="column"),
         "prior": rows.join(metrics.prior_baseline(fit_on)[_PROBS], on="column"),
     })
-    n_labelled_rows = int((model_frame["label"] >= 0).sum())
+    labelled = model_frame[model_frame["label"] >= 0]
+    n_labelled_rows = len(labelled)
+    ece = expected_calibration_error(labelled[_PROBS].to_numpy(), labelled["label"].to_numpy())
     header = [
         f"model version: {name}",
         f"labels: {source}",
@@ -80,6 +83,8 @@ def evaluate_scores(
         f"rows: {len(model_frame)} joined, {n_labelled_rows} labelled",
         "baselines majority/prior are fitted in-sample on the evaluated studies' labels (favours the baselines)",
         "rsna_log_loss: lower is better; group 'all' is the competition score",
+        f"expected calibration error (top label, 10 bins) of {name}: {ece:.4f} "
+        "(the model card's 'calibration' holds its out-of-fold value before and after calibration)",
     ]
     text = "\n".join(header) + "\n\n" + metrics.format_metric_table(table)
     return table, text

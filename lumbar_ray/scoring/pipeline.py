@@ -154,7 +154,7 @@ class ScoreStage:
                 continue
             n = len(detected.crops)
             item.predictions = study_rows(detected, probs[offset:offset + n], version, self.bundle.priors,
-                                          self.run_id, now)
+                                          self.run_id, now, self.bundle.temperatures)
             offset += n
             item.errors = error_rows_frame(detected.errors, version, self.run_id, now)
             item.detected = None

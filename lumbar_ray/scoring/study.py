@@ -9,7 +9,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,8 @@ from lumbar_ray.models.compat import (
     check_scorer_payload,
     read_weights,
 )
+from lumbar_ray.metrics.calibration import apply_temperature
+from lumbar_ray.metrics.rsna import UNIFORM_PRIOR, weighted_prior_from_card
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 from lumbar_ray.storage import is_transient
 from lumbar_ray.targets import (
@@ -58,10 +60,14 @@ class ModelBundle:
     scorer: Any  # DeepScoreNet (eval mode); None when loaded without it
     channels: str
     crop_mm: float | None
-    priors: dict[str, list[float]]  # target column -> class prior, for targets with no detection
+    # target column -> what a target with no detection gets: the card's class prior weighted by
+    # the metric's severity weights (the constant that minimises the weighted log loss)
+    priors: dict[str, list[float]]
     device: Any
     detector_conf: float = 0.01
     parts: tuple[str, ...] = MODEL_PARTS  # what was loaded (see from_registry)
+    # condition slug -> temperature applied to DeepScoreNet's probabilities (the card's calibration)
+    temperatures: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_registry(cls, spec: str, device: str | None = None, cache_dir: str | None = None,
@@ -114,10 +120,14 @@ class ModelBundle:
         payload = read_weights(registry.fetch(version, models[SCORER], local), file)
         check_scorer_payload(payload, file, spec.get("scorer"))
         scorer = load_scorer(payload, device) if "scorer" in parts else None
+        fallback = weighted_prior_from_card(manifest.get("priors"))
         return cls(version=version, detectors=detectors, scorer=scorer, channels=payload["channels"],
-                   crop_mm=payload.get("crop_mm"), priors=manifest.get("priors", {}), device=device,
+                   crop_mm=payload.get("crop_mm"), priors={c: fallback.loc[c].tolist() for c in fallback.index},
+                   device=device,
                    detector_conf=float(manifest.get("config", {}).get("detector", {}).get("conf", 0.01)),
-                   parts=tuple(part for part in MODEL_PARTS if part in parts))
+                   parts=tuple(part for part in MODEL_PARTS if part in parts),
+                   temperatures={str(c): float(t) for c, t in
+                                 ((manifest.get("calibration") or {}).get("temperatures") or {}).items()})
 
 
 def load_detectors(registry: ModelRegistry, version: str, models: dict[str, str], local: Path,
@@ -408,15 +418,22 @@ def crop_detections(bundle: ModelBundle, series, chosen: dict) -> list[tuple[Tar
 
 
 def study_rows(detected: DetectedStudy, probs: np.ndarray, bundle_version: str, priors: dict[str, list[float]],
-               run_id: str, scored_at: pd.Timestamp) -> pd.DataFrame:
+               run_id: str, scored_at: pd.Timestamp, temperatures: Mapping[str, float] | None = None) -> pd.DataFrame:
     """The 25 prediction rows of one study. ``probs`` (n_detected, 3) follows the detected hits'
-    order; a target with no detection gets the model's stored prior and ``detected = False``."""
+    order and is calibrated with its condition's temperature (``temperatures``: the bundle's);
+    a target with no detection gets ``priors`` (the bundle's fallback) and ``detected = False``."""
     rows = []
     it = iter(np.asarray(probs, dtype=np.float64))
     flags = ";".join(detected.flags)
+    temperatures = temperatures or {}
     for hit in detected.hits:
         target = TARGETS[hit.target_index]
-        p = next(it) if hit.detected else np.asarray(priors.get(target.column, (1 / 3, 1 / 3, 1 / 3)), dtype=np.float64)
+        if hit.detected:
+            p = next(it)
+            if target.condition.slug in temperatures:
+                p = apply_temperature(p[None, :], temperatures[target.condition.slug])[0]
+        else:
+            p = np.asarray(priors.get(target.column, UNIFORM_PRIOR), dtype=np.float64)
         rows.append({
             "study_id": detected.study_id, "row_id": target.row_id(detected.study_id),
             "condition": target.condition.slug, "level": target.level,
@@ -480,7 +497,7 @@ def score_in_process(bundle: ModelBundle, root: str, study_ids: list[str], split
                 raise
             errs.append(error_frame([error_row(str(study_id), stage, exc)], bundle.version, run_id, now))
             continue
-        preds.append(study_rows(detected, probs, bundle.version, bundle.priors, run_id, now))
+        preds.append(study_rows(detected, probs, bundle.version, bundle.priors, run_id, now, bundle.temperatures))
         errs.append(error_frame(detected.errors, bundle.version, run_id, now))
     pred = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     errs = [e for e in errs if len(e)]

@@ -103,15 +103,17 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
     trials = run_trials(cfg, data.folds, ray.put(examples), paths.version, paths.storage, paths.artifacts)
     echo(f"[train] {len(trials)} trials finished in {time.time() - started:.1f} s")
 
-    out_dir = Path(tempfile.mkdtemp(prefix="lumbar-ray-train-"))
-    metrics = collect_cv_metrics(cfg.jobs(), data.labels, data.folds, paths.artifacts, out_dir, paths.version)
-    shipped = shipped_folds(cfg, metrics, sorted(data.folds["fold"].unique().tolist()))
-    if not cfg.final_fit:
-        echo("[train] no final fit: shipping each model's best-validated fold: "
-             + ", ".join(f"{job} {fold_name(f)}" for job, f in shipped.items()))
-    files, report = version_files(out_dir, metrics, paths.artifacts, shipped, data.folds)
-    card = model_card(cfg, data.labels, len(data.points), examples, trials, metrics.card, shipped)
-    registry.publish(paths.version, {k: str(v) for k, v in files.items()}, card)
+    # the version's files are assembled in a temporary folder that publish copies from
+    with tempfile.TemporaryDirectory(prefix="lumbar-ray-train-") as scratch:
+        out_dir = Path(scratch)
+        metrics = collect_cv_metrics(cfg.jobs(), data.labels, data.folds, paths.artifacts, out_dir, paths.version)
+        shipped = shipped_folds(cfg, metrics, sorted(data.folds["fold"].unique().tolist()))
+        if not cfg.final_fit:
+            echo("[train] no final fit: shipping each model's best-validated fold: "
+                 + ", ".join(f"{job} {fold_name(f)}" for job, f in shipped.items()))
+        files, report = version_files(out_dir, metrics, paths.artifacts, shipped, data.folds)
+        card = model_card(cfg, data.labels, len(data.points), examples, trials, metrics.card, shipped)
+        registry.publish(paths.version, {k: str(v) for k, v in files.items()}, card)
     echo(f"[train] published {registry.url('versions', paths.version)}")
     return TrainingOutcome(paths.version, cfg.registry, metrics.scorer_table, metrics.detector_table, trials,
                            report, examples.problems, paths.artifacts)

@@ -13,19 +13,24 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import SCORER
+from lumbar_ray.metrics.calibration import cross_fitted_frame, expected_calibration_error, fit_temperatures
 from lumbar_ray.metrics.rsna import (
     baseline_oof_predictions, format_metric_table, metric_table, plot_confusion_matrices, rsna_score,
 )
 from lumbar_ray.storage import filesystem_for
+from lumbar_ray.targets import PROBABILITY_COLUMNS
 from lumbar_ray.training.artifacts import OOF_FILE, fold_dir
+
+PROBS = list(PROBABILITY_COLUMNS)
 
 
 def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Overall and per-fold tables: DeepScoreNet against the majority, prior and weighted-prior
-    baselines (fitted on the training folds only), all
-    scored on exactly the same (study, target) rows (the labelled points the scorer saw)."""
+    """Overall and per-fold tables: DeepScoreNet, uncalibrated and calibrated (temperatures
+    cross-fitted: each fold's from the other folds), against the majority, prior and
+    weighted-prior baselines (fitted on the training folds only), all scored on exactly the same
+    (study, target) rows (the labelled points the scorer saw)."""
     keys = oof[["study_id", "column"]]
-    frames = {"deepscorenet": oof}
+    frames = {"deepscorenet": oof, "deepscorenet_calibrated": cross_fitted_frame(oof)}
     for kind in ("majority", "prior", "weighted_prior"):
         base = baseline_oof_predictions(labels[["study_id", "column", "label"]], folds_frame, kind=kind)
         frames[f"baseline_{kind}"] = base.merge(keys, on=["study_id", "column"], how="inner")
@@ -143,6 +148,34 @@ def _add_scorer_metrics(metrics: CvMetrics, oof: pd.DataFrame, labels: pd.DataFr
                              format_metric_table(table), ""]
     metrics.card["scorer"] = table.to_dict(orient="records")
     metrics.card["scorer_per_fold"] = per_fold.to_dict(orient="records")
+    metrics.card["calibration"] = calibration_card(oof)
+    metrics.report_lines += [format_calibration(metrics.card["calibration"]), ""]
+
+
+def calibration_card(oof: pd.DataFrame) -> dict[str, Any]:
+    """The version's calibration: a temperature per condition fitted on every out-of-fold
+    prediction (what scoring applies), and the out-of-fold RSNA score and expected calibration
+    error before and after (after: cross-fitted temperatures, so the gain is not flattered)."""
+    crossed = cross_fitted_frame(oof)
+    rows = oof["label"] >= 0
+
+    def summary(frame: pd.DataFrame) -> dict[str, float]:
+        part = frame[rows]
+        return {"rsna_score": float(rsna_score(part).score),
+                "ece": expected_calibration_error(part[PROBS].to_numpy(), part["label"].to_numpy())}
+
+    return {"method": "temperature per condition (softmax(log p / T)), fitted on the out-of-fold predictions "
+                      "against the severity-weighted log loss",
+            "temperatures": fit_temperatures(oof), "oof_before": summary(oof), "oof_after_cross_fitted": summary(crossed)}
+
+
+def format_calibration(card: dict[str, Any]) -> str:
+    """The calibration's lines of the CV report."""
+    before, after = card["oof_before"], card["oof_after_cross_fitted"]
+    temps = ", ".join(f"{c} {t:.2f}" for c, t in card["temperatures"].items())
+    return (f"Calibration (temperature per condition: {temps}); out of fold, before -> after (cross-fitted): "
+            f"RSNA score {before['rsna_score']:.4f} -> {after['rsna_score']:.4f}, "
+            f"expected calibration error {before['ece']:.4f} -> {after['ece']:.4f}")
 
 
 def _add_detector_metrics(metrics: CvMetrics, records: pd.DataFrame, out_dir: Path) -> None:

@@ -100,7 +100,9 @@ def model_card(cfg: TrainConfig, labels: pd.DataFrame, n_points: int, examples: 
         "data": {"root": cfg.data, "split": cfg.split, "n_studies": int(labels["study_id"].nunique()),
                  "excluded_studies": sorted(int(s) for s in cfg.exclude_studies),
                  "n_labelled_points": int(n_points), "fingerprint": data_fingerprint(cfg.data, cfg.split)},
-        "metrics": metrics_card,
+        "metrics": {k: v for k, v in metrics_card.items() if k != "calibration"},
+        # temperatures per condition that scoring applies to DeepScoreNet's probabilities
+        "calibration": metrics_card.get("calibration"),
         "priors": {c: [float(v) for v in priors.loc[c].to_numpy()] for c in priors.index},
         "trials": [dataclasses.asdict(t) | {"metrics": None} for t in trials],
         "problems": examples.problems[:1000],
