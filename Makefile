@@ -9,8 +9,9 @@ DEMO_DIR ?= work/demo
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH_NODES_ARGS ?=
+BENCH_ACQ_ARGS ?=
 
-.PHONY: setup demo test test-fast lint-imports bench bench-nodes clean
+.PHONY: setup demo test test-fast lint-imports bench bench-nodes bench-acquisitions clean
 
 setup: $(STAMP)
 
@@ -42,6 +43,10 @@ bench: setup
 # Scoring throughput on 1 .. K Ray nodes (a private multi-node cluster on this machine).
 bench-nodes: setup
 	$(BIN)/python -m lumbar_ray.bench.nodes $(BENCH_NODES_ARGS)
+
+# Issue #15 item 4: realistic holdout vs its simple twin (same models), axial slices before/after.
+bench-acquisitions: setup
+	$(BIN)/python -m lumbar_ray.bench.acquisitions $(BENCH_ACQ_ARGS)
 
 clean:
 	rm -rf work .pytest_cache
