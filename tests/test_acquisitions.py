@@ -393,5 +393,26 @@ def test_axial_detector_validation_chooses_by_level_across_series(realistic_root
                                                       torch.device("cpu"))
     n_axial = int(points["target_index"].isin(list(axial)).sum())
     assert len(records) == n_axial > 20
-    assert records["detected"].all()
-    assert (records["dist_3d_mm"] < 1e-6).all()
+    assert records["detected"].all() and records["right_slice"].all()
+    assert (records["dist_3d_mm"] < 1e-6).all() and (records["dist_mm"] < 1e-6).all()
+
+
+def test_an_overlapping_oblique_stack_of_the_same_size_is_not_merged(tmp_path):
+    """Slabs lie side by side along the body; a same-size oblique reformat of the same anatomy
+    overlaps the main stack and stays apart (read, not merged into it)."""
+    base = tmp_path / "train_images" / "7007"
+    folder = base / "2"
+    write_sagittal(folder, "7007", "Sagittal T2/STIR", n=10)
+    yaw = math.radians(8.0)
+    oblique = np.array([math.sin(yaw), math.cos(yaw), 0.0, 0.0, 0.0, -1.0])
+    normal = np.cross(oblique[:3], oblique[3:])
+    positions = [np.array([-20.0, -10.0, 130.0]) + k * 4.0 * normal for k in range(6)]
+    write_mr_series(str(folder), np.full((6, SIZE, SIZE), 50, np.uint16), study_uid=uid_for("study", "7007"),
+                    series_uid=uid_for("series", "7007", "2"), study_id="7007", series_description="Sagittal T2/STIR",
+                    series_number=1, image_orientation=tuple(oblique), positions=positions, pixel_spacing=PIXEL,
+                    slice_thickness=3.0, instance_numbers=list(range(101, 107)))
+    _csv(tmp_path, [(7007, 2, "Sagittal T2/STIR")])
+    study = read_study(str(tmp_path), "7007")
+    main = study.series[SAGITTAL_T2]
+    assert main.n_slices == 10 and not main.is_multi_oriented
+    assert [s.n_slices for s in study.other_series] == [6]

@@ -94,7 +94,10 @@ class FakeSeries:
     slice_spacing: float = 4.0
     plane: str = "sagittal"
 
+    orientations: np.ndarray | None = None  # one orientation for every slice
+
     pixel_to_patient = Series.pixel_to_patient  # the real geometry, not a copy of it
+    slice_orientation = Series.slice_orientation
 
     def index_of_instance(self, instance_number: int) -> int:
         hits = np.flatnonzero(self.instance_numbers == instance_number)

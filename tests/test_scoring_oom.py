@@ -194,3 +194,6 @@ def test_pipeline_stages_record_bad_studies_and_raise_bugs(monkeypatch):
     out = scorer({"study_id": np.array(["8"]), "item": pipeline.object_array([item])})["item"][0]
     assert out.predictions is None and out.errors["error_type"].tolist() == ["OutOfMemoryError"]
     assert out.errors["stage"].tolist() == ["score"] and isinstance(out.errors, pd.DataFrame)
+    # crops are 32 x 32 whatever the study: out of memory grading them is not the study's fault,
+    # so the row is retryable and the next run of the same command scores the study
+    assert out.errors["retryable"].tolist() == [True]

@@ -27,6 +27,7 @@ from lumbar_ray.errors import EXIT_TRANSIENT, StorageUnavailableError, exit_code
 from lumbar_ray.outputs.store import OutputWriter, read_errors, read_predictions, scored_studies
 from lumbar_ray.scoring.pipeline import PartFiles, StudyItem, read_study_row
 from lumbar_ray.targets import TARGETS
+from registries import untrained_registry  # tests/ is on sys.path (conftest.py)
 
 PROBS = ["normal_mild", "moderate", "severe"]
 FAST = storage.RetryPolicy(attempts=3, base_s=0.01, max_s=0.02)
@@ -280,40 +281,6 @@ def test_proxy_resets_and_refuses_during_an_outage():
             server.shutdown()
 
 
-def _untrained_registry(root) -> str:
-    """A registry version of untrained models (seeded): three detectors and DeepScoreNet whose
-    files fit the card, so scoring runs every stage (and depends on every slice read) in
-    seconds, without the session's trained fixture."""
-    import torch
-
-    from lumbar_ray.config import SCORER, detector_job
-    from lumbar_ray.models.deepscorenet import SCORER_KIND, DeepScoreNet
-    from lumbar_ray.models.detector import build_detector, save_detector
-    from lumbar_ray.models.registry import ModelRegistry
-    from lumbar_ray.targets import SERIES_TYPES, SEVERITIES, detector_class_names
-
-    weights = root / "weights"
-    weights.mkdir(parents=True)
-    files, models, detectors = {}, {}, {}
-    for series_type in SERIES_TYPES:
-        job = detector_job(series_type)
-        save_detector(build_detector(series_type, imgsz=64, seed=0), weights / f"{job}.pt")
-        files[f"{job}.pt"], models[job] = weights / f"{job}.pt", f"{job}.pt"
-        detectors[job] = {"series_type": series_type, "classes": detector_class_names(series_type)}
-    torch.manual_seed(0)
-    scorer = DeepScoreNet(keras_init=False)
-    torch.save({"kind": SCORER_KIND, "state_dict": scorer.state_dict(), "in_channels": scorer.in_channels,
-                "channels": "repeat", "crop_mm": None, "crop_px": 32}, weights / "scorer.pt")
-    files[f"{SCORER}.pt"], models[SCORER] = weights / "scorer.pt", f"{SCORER}.pt"
-    registry = ModelRegistry(str(root / "registry"))
-    registry.publish("v1", files, {"models": models, "input_spec": {
-        "scorer": {"in_channels": 3, "classes": list(SEVERITIES)}, "detectors": detectors},
-        # Untrained detectors score every box far below the usual threshold: take them all, so
-        # that every row depends on the pixels read (a slice missing would change it).
-        "config": {"detector": {"conf": 1e-9}}})
-    return f"{registry.root}@v1"
-
-
 @pytest.fixture(scope="module")
 def fault_inputs(tmp_path_factory):
     """(data root with 4 small synthetic test studies, the untrained registry spec, DICOM files)."""
@@ -322,7 +289,7 @@ def fault_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     synth.synthesize(str(root / "data"), n_studies=4, seed=31, split="test", size="small")
     n_files = sum(len(files) for _, _, files in os.walk(root / "data" / "test_images"))
-    return root / "data", _untrained_registry(root), n_files
+    return root / "data", untrained_registry(root), n_files
 
 
 def _non_retryable(errors: pd.DataFrame) -> set[tuple]:

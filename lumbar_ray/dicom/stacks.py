@@ -54,15 +54,34 @@ def split_stacks(slices: Iterable[ParsedSlice]) -> list[list[ParsedSlice]]:
 
 
 def merge_slabs(stacks: list[list[ParsedSlice]]) -> list[list[ParsedSlice]]:
-    """Join the stacks of :func:`split_stacks` that share a plane and an image size into one (the
-    slabs of one series); largest first. Stacks of another plane or size stay apart (a 3-plane
-    localizer mixed into a folder, a reformat)."""
-    groups: dict[tuple, list[ParsedSlice]] = {}
-    for stack in stacks:
+    """Join the stacks of :func:`split_stacks` that share a plane, an image size and a pixel
+    spacing and lie side by side (their slice centres span disjoint ranges along the normal): the
+    slabs of one series, each tilted to its disc. Largest first. Stacks of another plane or size
+    stay apart (a 3-plane localizer mixed into a folder), and so does a same-size stack that
+    overlaps another (an oblique reformat of the same anatomy is not a slab of it)."""
+    groups: list[tuple[tuple, list[list[ParsedSlice]]]] = []
+    for stack in stacks:  # largest first (split_stacks' order): the largest stack founds a group
         ref = stack[0]
         key = (plane_of(ref.orientation), ref.rows, ref.cols, tuple(round(float(v), 3) for v in ref.pixel_spacing))
-        groups.setdefault(key, []).extend(stack)
-    return sorted(groups.values(), key=lambda st: (-len(st), min(s.path for s in st)))
+        for group_key, members in groups:
+            if group_key == key and not any(_overlap(stack, member, members[0][0].normal) for member in members):
+                members.append(stack)
+                break
+        else:
+            groups.append((key, [stack]))
+    merged = [[s for member in members for s in member] for _, members in groups]
+    return sorted(merged, key=lambda st: (-len(st), min(s.path for s in st)))
+
+
+# Slabs whose centre ranges along the normal overlap by more than this are not slabs of one series.
+_SLAB_OVERLAP_MM = 1.0
+
+
+def _overlap(a: list[ParsedSlice], b: list[ParsedSlice], normal: np.ndarray) -> bool:
+    """Whether two stacks' slice centres span overlapping ranges along ``normal``."""
+    pa = [float(slice_centre(s) @ normal) for s in a]
+    pb = [float(slice_centre(s) @ normal) for s in b]
+    return min(max(pa), max(pb)) - max(min(pa), min(pb)) > _SLAB_OVERLAP_MM
 
 
 def n_orientations(stack: Sequence[ParsedSlice]) -> int:

@@ -383,6 +383,9 @@ def weighted_prior_baseline(train_labels: pd.DataFrame, pseudo_count: float = 1.
 
 # What the scoring path gives a target its model card has no prior for (scoring.study.study_rows).
 UNIFORM_PRIOR: tuple[float, ...] = tuple(1.0 / len(PROBS) for _ in PROBS)
+# ... and that prior weighted by the severity weights, (1/7, 2/7, 4/7): what a target gets when the
+# card has no prior for it (weighted_prior_from_card of an empty card, per target).
+WEIGHTED_UNIFORM_PRIOR: tuple[float, ...] = tuple(float(w) / sum(SEVERITY_WEIGHTS) for w in SEVERITY_WEIGHTS)
 
 
 def weighted_prior_from_card(priors: Mapping[str, Sequence[float]] | None) -> pd.DataFrame:

@@ -3,6 +3,8 @@ pixels (each class's best box per slice, or Ultralytics' NMS)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +31,10 @@ class Detection:
     confidence: float
     width: float = float("nan")  # box size, original pixels
     height: float = float("nan")
+
+    def with_class(self, class_id: int) -> "Detection":
+        """This detection under another class id (a target chosen by geometry from a pooled class)."""
+        return self if self.class_id == class_id else dataclasses.replace(self, class_id=class_id)
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ def select_axial_by_level(
                     continue
                 current = best[t.index]
                 if current is None or d.confidence > current.detection.confidence:
-                    best[t.index] = LocatedDetection(series, _with_class(d, t.detector_class_id))
+                    best[t.index] = LocatedDetection(series, d.with_class(t.detector_class_id))
     return best
 
 
@@ -147,9 +147,3 @@ def geometry_flags(chosen: Mapping[int, LocatedDetection | None]) -> list[str]:
             if (t.side == "left" and point[0] < x_mid) or (t.side == "right" and point[0] > x_mid):
                 flags.append(f"wrong_side:{t.column}")
     return flags
-
-
-def _with_class(d: Detection, class_id: int) -> Detection:
-    if d.class_id == class_id:
-        return d
-    return Detection(class_id, d.slice_index, d.instance_number, d.x, d.y, d.confidence, d.width, d.height)

@@ -82,7 +82,7 @@ def _select_by_side(
         side_ok = (lambda k: xs[k] >= mid) if t.side == "left" else (lambda k: xs[k] <= mid)
         pool = [d for d in cands if level_of.get(d.class_id) == t.level_index and side_ok(d.slice_index)]
         best = max(pool, key=lambda d: d.confidence, default=None)
-        out[t.index] = None if best is None else _with_class(best, t.detector_class_id)
+        out[t.index] = None if best is None else best.with_class(t.detector_class_id)
     return out
 
 
@@ -142,9 +142,3 @@ def _positions_along_normal(series, n_min: int) -> np.ndarray:
     if series is None:
         return np.arange(n_min, dtype=np.float64)
     return np.asarray(series.positions, dtype=np.float64) @ slice_normal(series)
-
-
-def _with_class(d: Detection, class_id: int) -> Detection:
-    if d.class_id == class_id:
-        return d
-    return Detection(class_id, d.slice_index, d.instance_number, d.x, d.y, d.confidence, d.width, d.height)

@@ -163,7 +163,9 @@ class ScoreStage:
     def grade(self, items: list[StudyItem]) -> np.ndarray:
         """The probabilities of the crops of every detected study of ``items``, in one pass. When
         even batches of one crop run out of memory, each of those studies gets that error as its
-        row instead (stage "score"; the crops are not one study's fault, so none is scored)."""
+        row instead (stage "score"; the crops are not one study's fault, so none is scored, and the
+        row is retryable: the next run of the same command scores them, with their detection's
+        own rows then)."""
         ready = [item.detected for item in items if item.detected is not None]
         crops = np.concatenate([d.crops for d in ready]) if ready else np.zeros((0, 3, 32, 32), np.float32)
         try:
@@ -173,7 +175,8 @@ class ScoreStage:
                 raise
             for item in items:
                 if item.detected is not None:
-                    item.error, item.detected = failure_row(item.study_id, "score", exc), None
+                    item.error = {**failure_row(item.study_id, "score", exc), "retryable": True}
+                    item.detected = None
             return np.zeros((0, 3), np.float32)
 
 
@@ -411,7 +414,9 @@ def score_alone(cfg: ScoreConfig, study_id: str, run_id: str, model_version: str
     except PROCESS_DIED as exc:
         row = {"study_id": study_id, "series_id": None, "stage": stage, "error_type": WORKER_CRASHED,
                "message": (f"the {stage} process died on each of {1 + max(0, cfg.crash_retries)} tries with this "
-                           f"study alone ({type(exc).__name__}): {exc}")[:1000], "retryable": False}
+                           f"study alone ({type(exc).__name__}): {exc}")[:1000],
+               # a lost node is not the study's doing: the next run scores it again
+               "retryable": isinstance(exc, ray.exceptions.NodeDiedError)}
         log.error("study %s killed its %s process on every try; recorded as %s", study_id, stage, WORKER_CRASHED)
         return StudyItem(study_id, error=row,
                          errors=error_rows_frame([row], model_version, run_id, pd.Timestamp.now(tz="UTC")))

@@ -26,7 +26,7 @@ from lumbar_ray.models.compat import (
     read_weights,
 )
 from lumbar_ray.metrics.calibration import apply_temperature
-from lumbar_ray.metrics.rsna import UNIFORM_PRIOR, weighted_prior_from_card
+from lumbar_ray.metrics.rsna import WEIGHTED_UNIFORM_PRIOR, weighted_prior_from_card
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
 from lumbar_ray.storage import is_transient
 from lumbar_ray.targets import (
@@ -433,7 +433,7 @@ def study_rows(detected: DetectedStudy, probs: np.ndarray, bundle_version: str, 
             if target.condition.slug in temperatures:
                 p = apply_temperature(p[None, :], temperatures[target.condition.slug])[0]
         else:
-            p = np.asarray(priors.get(target.column, UNIFORM_PRIOR), dtype=np.float64)
+            p = np.asarray(priors.get(target.column, WEIGHTED_UNIFORM_PRIOR), dtype=np.float64)
         rows.append({
             "study_id": detected.study_id, "row_id": target.row_id(detected.study_id),
             "condition": target.condition.slug, "level": target.level,

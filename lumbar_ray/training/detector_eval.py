@@ -78,6 +78,17 @@ def _slice_spacing(series) -> float:
     return float(getattr(series, "slice_thickness", 1.0) or 1.0)
 
 
+def _distance_to_plane(series, slice_index: int, point) -> float:
+    """Distance (mm) of a patient point from the plane of one slice, through that slice's own
+    orientation: on a series of tilted per-level slabs, positions projected on one normal would
+    be off by up to ~25 mm."""
+    o = (series.slice_orientation(slice_index) if hasattr(series, "slice_orientation")
+         else np.asarray(series.orientation, dtype=np.float64))
+    normal = np.cross(o[:3], o[3:])
+    normal = normal / (np.linalg.norm(normal) or 1.0)
+    return abs(float((np.asarray(point, dtype=np.float64) - np.asarray(series.positions[slice_index])) @ normal))
+
+
 def detector_hit_rates(
     selected: Mapping[int, Detection | None],
     coords,
@@ -92,8 +103,8 @@ def detector_hit_rates(
     hit at tolerance t when its selected detection
 
     - is on the right slice: the same instance number for sagittal series; for axial series,
-      a slice whose position along the slice normal is within one slice spacing of the labelled
-      one (neighbouring axial slices show the same level); ``slice_tolerance_mm`` overrides
+      a slice whose own plane lies within one slice spacing of the labelled point (neighbouring
+      axial slices show the same level; each slice's own orientation, for tilted slabs); ``slice_tolerance_mm`` overrides
       both (0 = same instance); and
     - lies within t mm of the labelled (x, y) in the image plane
       (``hypot(dx * col_spacing, dy * row_spacing)``, PixelSpacing = (row, col)).
@@ -109,8 +120,6 @@ def detector_hit_rates(
     rows = coords_on_series(coords, series, series_type)
     if slice_tolerance_mm is None:
         slice_tolerance_mm = _slice_spacing(series) * 1.01 if series_type == AXIAL_T2 else 0.0
-    normal = slice_normal(series)
-    along = np.asarray(series.positions, dtype=np.float64) @ normal
     row_mm, col_mm = float(series.pixel_spacing[0]), float(series.pixel_spacing[1])
     for cond, level, inst, x, y in rows[["condition", "level", "instance_number", "x", "y"]].itertuples(index=False):
         t = TARGET_BY_NAME_LEVEL[(cond, level)]
@@ -128,7 +137,8 @@ def detector_hit_rates(
         if slice_tolerance_mm <= 0:
             right = int(det.instance_number) == int(inst)
         else:
-            right = k is not None and abs(along[det.slice_index] - along[k]) <= slice_tolerance_mm
+            right = k is not None and _distance_to_plane(
+                series, det.slice_index, series.pixel_to_patient(k, float(x), float(y))) <= slice_tolerance_mm
         dist = math.hypot((det.x - float(x)) * col_mm, (det.y - float(y)) * row_mm)
         dist_3d = (float(np.linalg.norm(series.pixel_to_patient(det.slice_index, det.x, det.y)
                                         - series.pixel_to_patient(k, float(x), float(y))))
