@@ -10,8 +10,8 @@ Every study has a Sagittal T1, a Sagittal T2/STIR and an Axial T2 series rendere
 :class:`~lumbar_ray.synth.anatomy.PatientModel`. With ``acquisitions="realistic"`` (the default)
 they are acquired like real archives (:mod:`lumbar_ray.synth.protocols`: per-level angled axial
 slabs, axial coverage split over two series, a repeated sagittal series, missing slices, oblique
-sagittal planes); ``"simple"`` gives exactly one plain stack per type (the original generator,
-byte for byte). A study and its simple twin (same seed) share patient, ids and labels. Its 25
+sagittal planes); ``"simple"`` gives exactly one plain stack per type (the original generator's
+pixels and geometry; only the sentinel patient elements of :mod:`lumbar_ray.synth.phi` are new). A study and its simple twin (same seed) share patient, ids and labels. Its 25
 severities are the label vector of a real study sampled from the RSNA 2024 ``train.csv``
 (:mod:`lumbar_ray.synth.labels`), missing labels included: they stay empty in the synthetic
 ``train.csv`` and get no coordinate row, while the anatomy there shows a random severity.
