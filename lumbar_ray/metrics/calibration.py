@@ -81,6 +81,7 @@ def calibrate_frame(frame: pd.DataFrame, temperatures: Mapping[str, float]) -> p
     """A copy of a long prediction frame with each row's probabilities scaled by its condition's
     temperature (conditions without one are left as they are)."""
     out = frame.copy()
+    out[PROBS] = out[PROBS].astype(np.float64)  # training's out-of-fold frames hold float32
     conditions = _condition_of(out["column"])
     for condition, temperature in temperatures.items():
         mask = (conditions == condition).to_numpy()
