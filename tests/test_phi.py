@@ -174,7 +174,10 @@ def test_no_sentinel_in_any_output_or_log(runs):
     written = {m for m in SENTINEL_MARKERS if any(m in value for value in patient_tags(0).values())}
     assert set().union(*files_holding(runs.data).values()) == written
     for folder in runs.outputs:
-        assert any(p.is_file() for p in Path(folder).rglob("*")), f"{folder} is empty: nothing was searched"
+        # the run's temp dir may be empty: training's scratch folder and the model caches are
+        # removed when done (tests/test_model_cache.py); what is left there is scanned all the same
+        if folder != runs.temp:
+            assert any(p.is_file() for p in Path(folder).rglob("*")), f"{folder} is empty: nothing was searched"
         hits = files_holding(folder)
         assert not hits, f"PHI sentinels in outputs: {hits}"
     assert (runs.session / "logs").is_dir()
