@@ -78,6 +78,19 @@ def test_halving_stops_at_one_and_only_on_out_of_memory():
     assert sizes == [8]  # not retried
 
 
+def _oom_above(limit: int, real, sizes: list[int]):
+    """A stand-in for ``real`` (called with a ``batch_size`` keyword) that records each batch size
+    in ``sizes`` and runs out of memory above ``limit``."""
+
+    def call(*args, batch_size, **kwargs):
+        sizes.append(batch_size)
+        if batch_size > limit:
+            raise _oom()
+        return real(*args, batch_size=batch_size, **kwargs)
+
+    return call
+
+
 def _rows(result):
     preds, errors = result
     return preds.set_index("row_id").sort_index(), errors
@@ -88,15 +101,9 @@ def test_detection_out_of_memory_retries_in_smaller_batches_with_equal_results(o
     from lumbar_ray.models import detector_inference
 
     root, ids, bundle, clean = oom_inputs
-    detect, sizes = detector_inference.detect_series, []
-
-    def detect_small_batches_only(*args, batch_size, **kwargs):
-        sizes.append(batch_size)
-        if batch_size > 4:
-            raise _oom()
-        return detect(*args, batch_size=batch_size, **kwargs)
-
-    monkeypatch.setattr(detector_inference, "detect_series", detect_small_batches_only)
+    sizes = []
+    monkeypatch.setattr(detector_inference, "detect_series",
+                        _oom_above(4, detector_inference.detect_series, sizes))
     preds, errors = _rows(score_in_process(bundle, root, ids))
     expected, expected_errors = _rows(clean)
     assert sizes[:4] == [32, 16, 8, 4] and set(sizes) == {32, 16, 8, 4}
@@ -110,12 +117,7 @@ def test_detection_out_of_memory_in_batches_of_one_is_a_recorded_study_error(oom
 
     root, ids, bundle, _ = oom_inputs
     sizes = []
-
-    def always_oom(*args, batch_size, **kwargs):
-        sizes.append(batch_size)
-        raise _oom()
-
-    monkeypatch.setattr(detector_inference, "detect_series", always_oom)
+    monkeypatch.setattr(detector_inference, "detect_series", _oom_above(0, None, sizes))  # every batch size
     preds, errors = score_in_process(bundle, root, ids)
     assert preds.empty  # no prior-filled rows as if the series were bad
     assert sorted(errors["study_id"]) == ids and set(errors["error_type"]) == {"OutOfMemoryError"}
@@ -127,15 +129,8 @@ def test_grading_out_of_memory_retries_then_is_recorded(oom_inputs, monkeypatch)
     from lumbar_ray.models import deepscorenet
 
     root, ids, bundle, clean = oom_inputs
-    predict, sizes = deepscorenet.predict_proba, []
-
-    def predict_small_batches_only(*args, batch_size, **kwargs):
-        sizes.append(batch_size)
-        if batch_size > 2:
-            raise _oom()
-        return predict(*args, batch_size=batch_size, **kwargs)
-
-    monkeypatch.setattr(deepscorenet, "predict_proba", predict_small_batches_only)
+    sizes = []
+    monkeypatch.setattr(deepscorenet, "predict_proba", _oom_above(2, deepscorenet.predict_proba, sizes))
     preds, _ = _rows(score_in_process(bundle, root, ids))
     np.testing.assert_allclose(preds[PROBS].to_numpy(), _rows(clean)[0][PROBS].to_numpy(), atol=1e-6)
     assert sizes[:5] == [32, 16, 8, 4, 2]

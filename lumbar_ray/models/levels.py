@@ -26,6 +26,7 @@ __all__ = [
     "assign_slices_to_levels",
     "select_axial_by_level",
     "select_axial_whole_series",
+    "keep_most_confident",
     "geometry_flags",
 ]
 
@@ -102,9 +103,7 @@ def select_axial_by_level(
             for t in targets:
                 if t.level_index != levels[d.slice_index] or side_of.get(d.class_id) != t.side:
                     continue
-                current = best[t.index]
-                if current is None or d.confidence > current.detection.confidence:
-                    best[t.index] = LocatedDetection(series, d.with_class(t.detector_class_id))
+                keep_most_confident(best, t.index, series, d.with_class(t.detector_class_id))
     return best
 
 
@@ -119,10 +118,16 @@ def select_axial_whole_series(detections: Sequence[tuple[object, Sequence[Detect
             index = index_of_class.get(d.class_id)
             if index is None:
                 continue
-            current = best[index]
-            if current is None or d.confidence > current.detection.confidence:
-                best[index] = LocatedDetection(series, d)
+            keep_most_confident(best, index, series, d)
     return best
+
+
+def keep_most_confident(best: dict[int, LocatedDetection | None], index: int, series, detection: Detection) -> None:
+    """Put ``detection`` (found in ``series``) at ``best[index]`` unless a detection at least as
+    confident is there already."""
+    current = best.get(index)
+    if current is None or detection.confidence > current.detection.confidence:
+        best[index] = LocatedDetection(series, detection)
 
 
 def geometry_flags(chosen: Mapping[int, LocatedDetection | None]) -> list[str]:

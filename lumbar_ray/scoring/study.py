@@ -344,16 +344,15 @@ def _choose_sagittal(found: dict[str, list[tuple[Any, list]]]) -> dict[int, Any]
     """{target index: LocatedDetection | None} of the sagittal targets: each series chooses by
     its type's rule (:func:`select_target_detections`); over several series of a type (a repeated
     acquisition) the most confident choice wins."""
-    from lumbar_ray.models.levels import LocatedDetection
+    from lumbar_ray.models.levels import keep_most_confident
     from lumbar_ray.models.target_selection import select_target_detections
 
     chosen: dict[int, Any] = {}
     for series_type in (SAGITTAL_T1, SAGITTAL_T2):
         for series, detections in found.get(series_type, []):
             for index, det in select_target_detections(detections, series_type, series).items():
-                current = chosen.get(index)
-                if det is not None and (current is None or det.confidence > current.detection.confidence):
-                    chosen[index] = LocatedDetection(series, det)
+                if det is not None:
+                    keep_most_confident(chosen, index, series, det)
                 chosen.setdefault(index, None)
     return chosen
 
