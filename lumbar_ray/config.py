@@ -93,6 +93,12 @@ class TrainConfig:
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     # Studies never trained on (e.g. the retrain holdout).
     exclude_studies: tuple[int, ...] = ()
+    # Warm start: REGISTRY[@VERSION] whose weights every model starts from, or "champion" (the
+    # champion of `registry`); None trains from random weights (training/warm_start.py).
+    init_from: str | None = None
+    # The retrain holdout rule (fraction, salt) that `exclude_studies` come from, if they do: the
+    # card records it, and a later retrain warm-starts from this version only under the same rule.
+    holdout_rule: tuple[float, str] | None = None
 
     def jobs(self) -> list[str]:
         unknown = set(self.models) - set(MODEL_FAMILIES)

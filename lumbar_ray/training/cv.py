@@ -31,6 +31,7 @@ from lumbar_ray.training.examples import prepare_examples
 from lumbar_ray.training.folds import assign_folds
 from lumbar_ray.training.publish import model_card, shipped_folds, version_files
 from lumbar_ray.training.trials import TrialSummary, run_trials
+from lumbar_ray.training.warm_start import load_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +95,18 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
         raise RuntimeError("run_training needs a Ray runtime: call ray.init() first (jobs/train.py does)")
     registry = ModelRegistry(cfg.registry)
     paths = run_paths(cfg)
+    warm = load_warm_start(cfg) if cfg.init_from else None  # refuses a bad --init-from before any work
+    if warm is not None:
+        echo(f"[train] warm start: every model starts from {warm.registry}@{warm.version}")
     data = labelled_studies(cfg, echo)
     started = time.time()
     examples = prepare_examples(cfg, data.points, with_slices="detector" in cfg.models)
     echo(f"[train] cut {len(examples.crops)} crops and "
          f"{sum(len(v) for v in examples.slices.values())} labelled slices in {time.time() - started:.1f} s"
          + (f"; {len(examples.problems)} problems recorded" if examples.problems else ""))
-    trials = run_trials(cfg, data.folds, ray.put(examples), paths.version, paths.storage, paths.artifacts)
+    init_refs = {job: ray.put(weights) for job, weights in warm.weights.items()} if warm else {}
+    trials = run_trials(cfg, data.folds, ray.put(examples), paths.version, paths.storage, paths.artifacts,
+                        init_refs=init_refs)
     echo(f"[train] {len(trials)} trials finished in {time.time() - started:.1f} s")
 
     # the version's files are assembled in a temporary folder that publish copies from
@@ -112,7 +118,8 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
             echo("[train] no final fit: shipping each model's best-validated fold: "
                  + ", ".join(f"{job} {fold_name(f)}" for job, f in shipped.items()))
         files, report = version_files(out_dir, metrics, paths.artifacts, shipped, data.folds)
-        card = model_card(cfg, data.labels, len(data.points), examples, trials, metrics.card, shipped)
+        card = model_card(cfg, data.labels, len(data.points), examples, trials, metrics.card, shipped,
+                          init_from=warm.card() if warm else None)
         registry.publish(paths.version, {k: str(v) for k, v in files.items()}, card)
     echo(f"[train] published {registry.url('versions', paths.version)}")
     return TrainingOutcome(paths.version, cfg.registry, metrics.scorer_table, metrics.detector_table, trials,

@@ -35,8 +35,10 @@ from lumbar_ray.training.detector_data import DetectorDataset, DetectorSample, c
 from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates
 from lumbar_ray.training.detector_fit import DetectorFit, make_optimizer, make_scheduler
 from lumbar_ray.training.examples import TrainingExamples
+from lumbar_ray.training.warm_start import start_from
 from lumbar_ray.training.worker import (
-    is_rank_zero, load_resume_state, parquet_bytes, report_epoch, set_worker_threads, start_position,
+    initial_weights, is_rank_zero, load_resume_state, parquet_bytes, report_epoch, set_worker_threads,
+    start_position,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def detector_worker_loop(cfg: dict) -> None:
     if not train_samples:
         raise ValueError(f"{job} fold {fold}: no labelled {series_type} slices to train on")
     torch.manual_seed(cfg["seed"])
-    fit = start_worker_fit(train_samples, series_type, dc, cfg["seed"])
+    fit = start_worker_fit(train_samples, series_type, dc, cfg["seed"], initial_weights(cfg, job))
     resumed = load_resume_state()
     if resumed is not None:
         fit.load_state_dict(resumed)
@@ -90,9 +92,11 @@ def fold_samples(samples: list[DetectorSample], fold_of: dict[int, int], fold: i
     return train, sorted({int(s) for s, f in fold_of.items() if f == fold})
 
 
-def start_worker_fit(train_samples: list[DetectorSample], series_type: str, dc: DetectorConfig, seed: int) -> DetectorFit:
+def start_worker_fit(train_samples: list[DetectorSample], series_type: str, dc: DetectorConfig, seed: int,
+                     init_weights: bytes | None = None) -> DetectorFit:
     """A :class:`DetectorFit` on this worker: the loader sharded and the model DDP-wrapped by
-    Ray Train, AdamW with warm-up and cosine decay over ``dc.epochs``, EMA weights, AMP on CUDA."""
+    Ray Train, AdamW with warm-up and cosine decay over ``dc.epochs``, EMA weights, AMP on CUDA.
+    ``init_weights``: a warm start's weights file, loaded before the EMA copy and DDP."""
     # heavy: ultralytics, imported only once ultralytics_env has configured it
     from ultralytics.utils.torch_utils import ModelEMA
 
@@ -103,6 +107,7 @@ def start_worker_fit(train_samples: list[DetectorSample], series_type: str, dc: 
     # Batches are dicts: train_one_epoch moves them; Ray only adds the distributed sampler.
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     model = build_detector(series_type, imgsz=dc.imgsz, box_mm=box_mm, seed=seed)
+    start_from(model, init_weights)
     loss_fn = make_loss_fn(model)  # on the unwrapped model, before DDP wraps it
     ema = ModelEMA(model)
     model = ray.train.torch.prepare_model(model)

@@ -43,6 +43,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Ray Train/Tune storage path (default: REGISTRY/runs)")
     p.add_argument("--version", default=None, help="version id (default: time-based)")
     p.add_argument("--champion", action="store_true", help="make the new version the champion")
+    p.add_argument("--init-from", default=None, metavar="REGISTRY[@VERSION]|champion",
+                   help="warm start: every model starts from that version's weights ('champion': the "
+                        "champion of the registry trained into; a resumed trial keeps its own progress)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local runtime)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local runtime")
     return p
@@ -65,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, registry=args.out, folds=args.folds, seed=args.seed,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         final_fit=not args.no_final_fit, storage_path=args.storage, run_name=args.version,
-        max_failures=args.max_failures,
+        max_failures=args.max_failures, init_from=args.init_from,
         scorer=ScorerConfig(epochs=sc_epochs, batch_size=args.scorer_batch_size, channels=args.channels,
                             crop_mm=args.crop_mm or None),
         detector=DetectorConfig(epochs=det_epochs, batch_size=args.detector_batch_size, imgsz=args.imgsz,

@@ -80,9 +80,11 @@ def input_spec(cfg: TrainConfig, examples: TrainingExamples) -> dict[str, Any]:
 
 
 def model_card(cfg: TrainConfig, labels: pd.DataFrame, n_points: int, examples: TrainingExamples,
-               trials: list[TrialSummary], metrics_card: dict[str, Any], shipped: dict[str, int]) -> dict[str, Any]:
-    """The version's manifest card: config, targets, input spec, shipped folds, data and its
-    fingerprint, metrics, priors, trials and the problems met while cutting examples."""
+               trials: list[TrialSummary], metrics_card: dict[str, Any], shipped: dict[str, int],
+               init_from: dict[str, str] | None = None) -> dict[str, Any]:
+    """The version's manifest card: config, targets, input spec, shipped folds, the version the
+    models started from (``init_from``, None: random weights), data and its fingerprint,
+    metrics, priors, trials and the problems met while cutting examples."""
     shipped_names = {job: fold_name(fold) for job, fold in shipped.items()}
     priors = prior_baseline(labels[["study_id", "column", "label"]])
     return {
@@ -97,6 +99,7 @@ def model_card(cfg: TrainConfig, labels: pd.DataFrame, n_points: int, examples: 
         "shipped_fold": (next(iter(shipped_names.values())) if len(set(shipped_names.values())) == 1
                          else "per model"),
         "shipped_folds": shipped_names,
+        "init_from": init_from,
         "data": {"root": cfg.data, "split": cfg.split, "n_studies": int(labels["study_id"].nunique()),
                  "excluded_studies": sorted(int(s) for s in cfg.exclude_studies),
                  "n_labelled_points": int(n_points), "fingerprint": data_fingerprint(cfg.data, cfg.split)},

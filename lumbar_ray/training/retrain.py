@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import HOLDOUT_SALT, RetrainConfig
+from lumbar_ray.config import HOLDOUT_SALT, RetrainConfig, TrainConfig
 from lumbar_ray.metrics.labels import read_labels
 from lumbar_ray.metrics.rsna import rsna_score
 from lumbar_ray.models.registry import ModelRegistry
@@ -28,6 +28,7 @@ from lumbar_ray.outputs.store import select_scores
 from lumbar_ray.scoring.study import ModelBundle, score_in_process
 from lumbar_ray.training.cv import run_training
 from lumbar_ray.training.promotion import FIRST_VERSION, Decision, promote_if_unchanged, record_decision
+from lumbar_ray.training.warm_start import init_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,32 @@ def verdict(challenger_score: float, champion_score: float | None, margin: float
                    f"champion {champion} stays")
 
 
+def fair_init_from(train_cfg: TrainConfig, holdout: list, echo: Callable[[str], None]) -> str | None:
+    """The resolved ``REGISTRY@VERSION`` the challenger may warm-start from, or None (random weights).
+
+    A start version that trained on any holdout study would carry that study into the
+    challenger and make the holdout comparison unfair: it is used only if it held out the same
+    studies (the same holdout rule, or every holdout study excluded). Without a champion yet
+    (``--init-from champion`` on a first retrain) the challenger starts from random weights too."""
+    if not train_cfg.init_from:
+        return None
+    root, version = init_from_spec(train_cfg.init_from, train_cfg.registry)
+    source = ModelRegistry(root)
+    if version is None and source.champion() is None:
+        echo(f"[retrain] no champion in {source.url()} to start from yet: the challenger starts from random weights")
+        return None
+    version = source.resolve(version)
+    config = source.manifest(version).get("config", {})
+    rule = config.get("holdout_rule")
+    same_rule = rule is not None and (float(rule[0]), str(rule[1])) == train_cfg.holdout_rule
+    seen = set() if same_rule else {int(s) for s in holdout} - {int(s) for s in config.get("exclude_studies", [])}
+    if seen:
+        echo(f"[retrain] not starting from {source.url()}@{version}: it may have trained on {len(seen)} of the "
+             f"{len(holdout)} holdout studies, which would make the comparison unfair; random weights instead")
+        return None
+    return f"{source.url()}@{version}"
+
+
 def run_retrain(cfg: RetrainConfig, echo: Callable[[str], None] = log.info) -> Decision:
     """Train a challenger on the non-holdout studies, compare with the champion, maybe promote."""
     train_cfg = cfg.train
@@ -77,7 +104,9 @@ def run_retrain(cfg: RetrainConfig, echo: Callable[[str], None] = log.info) -> D
     pointer = registry.champion()
     champion = pointer["version"] if pointer else None
     echo(f"[retrain] champion: {champion or 'none'}; {len(holdout)} of {len(studies)} studies held out")
-    train_cfg = dataclasses.replace(train_cfg, exclude_studies=tuple(int(s) for s in holdout))
+    train_cfg = dataclasses.replace(train_cfg, exclude_studies=tuple(int(s) for s in holdout),
+                                    holdout_rule=(float(cfg.holdout_fraction), str(cfg.holdout_salt)))
+    train_cfg = dataclasses.replace(train_cfg, init_from=fair_init_from(train_cfg, holdout, echo))
     challenger = run_training(train_cfg, echo=echo).version
     holdout_labels = labels[labels["study_id"].isin(holdout)]
 

@@ -20,9 +20,10 @@ from lumbar_ray.models.deepscorenet import (
 from lumbar_ray.training.artifacts import HISTORY_FILE, OOF_FILE, weights_file
 from lumbar_ray.training.crop_data import CropDataset
 from lumbar_ray.training.examples import TrainingExamples
+from lumbar_ray.training.warm_start import start_from
 from lumbar_ray.training.worker import (
-    is_rank_zero, load_resume_state, parquet_bytes, report_epoch, set_worker_threads, split_indices,
-    start_position,
+    initial_weights, is_rank_zero, load_resume_state, parquet_bytes, report_epoch, set_worker_threads,
+    split_indices, start_position,
 )
 
 OOF_COLUMNS = ["study_id", "column", "target_index", "label", "series_id", "instance_number"]
@@ -49,6 +50,7 @@ def scorer_worker_loop(cfg: dict) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=sc.batch_size, shuffle=True, drop_last=False)
     loader = ray.train.torch.prepare_data_loader(loader)
     model = DeepScoreNet(in_channels=examples.crops.shape[1])
+    start_from(model, initial_weights(cfg, SCORER))  # a warm start; a resumed trial then loads its own state
     class_weights = torch.tensor(class_weights_from_labels(labels[train_idx]), dtype=torch.float32)
     loss_fn = FocalLoss(gamma=sc.focal_gamma, class_weights=class_weights)
     model = ray.train.torch.prepare_model(model)

@@ -93,13 +93,16 @@ def max_concurrent_trials(res: ResourceConfig) -> int:
     return res.max_concurrent_trials or max(1, capacity)
 
 
-def worker_config(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref) -> dict:
-    """What every trial's worker loop is given (the trial adds its job and fold)."""
+def worker_config(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, init_refs: dict | None = None) -> dict:
+    """What every trial's worker loop is given (the trial adds its job and fold). ``init_refs``:
+    job -> object ref of the weights file it starts from (a warm start)."""
     return {
         "scorer": dataclasses.asdict(cfg.scorer),
         "detector": dataclasses.asdict(cfg.detector),
         "folds": {int(s): int(f) for s, f in zip(folds_frame["study_id"], folds_frame["fold"])},
         "examples_ref": [examples_ref],
+        # refs inside lists: Tune's param_space would otherwise try to resolve them as search spaces
+        "init_refs": {job: [ref] for job, ref in (init_refs or {}).items()},
         "seed": cfg.seed,
         "data": cfg.data,
         "split": cfg.split,
@@ -108,7 +111,7 @@ def worker_config(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref) -> 
 
 
 def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_name: str, storage_path: str,
-               artifacts: str) -> list[TrialSummary]:
+               artifacts: str, init_refs: dict | None = None) -> list[TrialSummary]:
     """One trial per (job, fold) — every CV fold, plus :data:`ALL_FOLDS` with ``final_fit`` —
     run concurrently; raises if any trial failed."""
     res = cfg.resources
@@ -116,7 +119,7 @@ def run_trials(cfg: TrainConfig, folds_frame: pd.DataFrame, examples_ref, run_na
     param_space = {
         "job": tune.grid_search(cfg.jobs()),
         "fold": tune.grid_search(fold_ids),
-        "worker": worker_config(cfg, folds_frame, examples_ref),
+        "worker": worker_config(cfg, folds_frame, examples_ref, init_refs),
         "resources": dataclasses.asdict(res),
         "run_name": run_name,
         "storage_path": storage_path,

@@ -42,6 +42,12 @@ def load_resume_state() -> dict | None:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+def initial_weights(cfg: dict, job: str) -> bytes | None:
+    """The weights file ``job`` starts from on a warm start (training/warm_start.py), else None."""
+    refs = cfg.get("init_refs", {}).get(job)
+    return ray.get(refs[0]) if refs else None
+
+
 def start_position(resumed: dict | None) -> tuple[int, list[dict]]:
     """The first epoch to train and the history so far: (0, []) on a first attempt, else the
     epoch after the checkpoint's, with a ``resumed`` event appended to its history."""
@@ -59,9 +65,11 @@ def is_rank_zero() -> bool:
 def report_epoch(metrics: dict, state: dict, extra_files: dict[str, bytes] | None = None) -> None:
     """Every rank reports; rank 0 attaches the checkpoint: ``state`` (model, optimizer, epoch,
     history) as :data:`STATE_FILE` and ``extra_files`` (name -> bytes) next to it."""
-    # node and device recorded with every epoch: where a trial ran is part of its record.
+    # node, device and DDP world size recorded with every epoch: where and how a trial ran is
+    # part of its record.
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id(),
-               "device": str(ray.train.torch.get_device())}
+               "device": str(ray.train.torch.get_device()),
+               "world_size": ray.train.get_context().get_world_size()}
     if not is_rank_zero():
         ray.train.report(metrics)
         return
