@@ -1,4 +1,6 @@
-"""SQL over the scoring outputs: DuckDB views ``predictions`` and ``errors`` over the part files."""
+"""SQL over the scoring outputs: DuckDB views ``predictions``, ``errors``, ``studies`` (the
+worklist) and ``series`` (the series catalog) over the part files (one view per table of
+:data:`~lumbar_ray.outputs.schema.SCHEMAS`)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ def _sql_string(text: str) -> str:
 
 
 def connect(out: str | os.PathLike):
-    """A DuckDB connection with views ``predictions`` and ``errors`` over the part files under
-    ``out`` as they are now (files written later need a new connection). Local parts are read
-    with DuckDB's ``read_parquet``; remote ones (s3://, ...) through pyarrow datasets over the
+    """A DuckDB connection with views ``predictions``, ``errors``, ``studies`` and ``series`` over
+    the part files under ``out`` as they are now (files written later need a new connection).
+    Local parts are read with DuckDB's ``read_parquet``; remote ones (s3://, ...) through pyarrow datasets over the
     fsspec file system (no httpfs needed). With no parts yet the views are empty but typed.
     Session time zone: UTC."""
     import duckdb  # heavy: duckdb; only queries need it, the writers and the CLI start without it
@@ -54,7 +56,7 @@ def connect(out: str | os.PathLike):
 
 
 def query(out: str | os.PathLike, sql: str) -> pd.DataFrame:
-    """Run ``sql`` against the views ``predictions`` and ``errors`` (see :func:`connect`)."""
+    """Run ``sql`` against the views ``predictions``, ``errors``, ``studies`` and ``series`` (see :func:`connect`)."""
     con = connect(out)
     try:
         return con.execute(sql).df()

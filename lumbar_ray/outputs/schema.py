@@ -1,8 +1,9 @@
-"""The schemas of the predictions and errors tables, and the checks every table passes before a write.
+"""The schemas of the scoring outputs (predictions, errors, the studies worklist and the series
+catalog), and the checks every table passes before a write.
 
 A table is cast to its schema and refused with a clear :class:`SchemaError` for unknown or missing
 columns, unknown conditions/levels, inconsistent row ids, bad probabilities, duplicate targets and
-(by default) studies without all 25 targets.
+(by default) studies without all 25 targets; studies and series rows for values out of their range.
 """
 
 from __future__ import annotations
@@ -15,14 +16,28 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lumbar_ray.targets import CONDITIONS, LEVELS, PROBABILITY_COLUMNS, TARGETS, level_slug
+from lumbar_ray.targets import (
+    CONDITIONS,
+    LEVELS,
+    PROBABILITY_COLUMNS,
+    SERIES_TYPES,
+    SEVERITIES,
+    SEVERITY_WEIGHTS,
+    TARGETS,
+    level_slug,
+)
 
 __all__ = [
     "PREDICTIONS",
     "ERRORS",
+    "STUDIES",
+    "SERIES",
     "STAGES",
+    "SERIES_ROLES",
     "PREDICTIONS_SCHEMA",
     "ERRORS_SCHEMA",
+    "STUDIES_SCHEMA",
+    "SERIES_SCHEMA",
     "SCHEMAS",
     "PREDICTIONS_OPTIONAL",
     "ERRORS_OPTIONAL",
@@ -30,12 +45,16 @@ __all__ = [
     "SchemaError",
     "to_predictions_table",
     "to_errors_table",
+    "to_studies_table",
+    "to_series_table",
     "format_examples",
     "utc_now",
 ]
 
 PREDICTIONS = "predictions"
 ERRORS = "errors"
+STUDIES = "studies"
+SERIES = "series"
 STAGES: tuple[str, ...] = ("list", "read", "detect", "score", "write")
 _PROBS = list(PROBABILITY_COLUMNS)
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -78,13 +97,69 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
-SCHEMAS = {PREDICTIONS: PREDICTIONS_SCHEMA, ERRORS: ERRORS_SCHEMA}
-_TIME_COLUMN = {PREDICTIONS: "scored_at", ERRORS: "recorded_at"}
-# Columns a table may leave out: the writer fills them (identity, time, derived row id, defaults).
+_CONDITION_SLUGS = tuple(c.slug for c in CONDITIONS)
+
+# One row per scored study per run: the worklist (lumbar_ray.outputs.worklist says how each
+# column is derived from the study's 25 prediction rows and its error rows).
+STUDIES_SCHEMA = pa.schema(
+    [
+        pa.field("study_id", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scored_at", _UTC_US, nullable=False),
+        pa.field("priority", pa.float64(), nullable=False),  # expected metric weight, 1..4
+        pa.field("any_severe_spinal", pa.float64(), nullable=False),  # max over levels of P(severe), spinal
+        # worst graded class over the 5 levels, spelled as in targets.SEVERITIES
+        *[pa.field(slug, pa.string(), nullable=False) for slug in _CONDITION_SLUGS],
+        pa.field("n_severe", pa.int64(), nullable=False),  # targets graded Severe
+        pa.field("n_detected", pa.int64(), nullable=False),  # targets the detectors found (of 25)
+        pa.field("flags", pa.string(), nullable=False),  # "" or ";"-joined review reasons
+        pa.field("review", pa.bool_(), nullable=False),  # a reason to look at it before trusting it
+    ]
+)
+
+# How a series was used: the study's chosen series of its type, another series read beside it
+# (a repeat, a second axial series, an untyped plane), or a folder from which nothing was read.
+SERIES_ROLES: tuple[str, ...] = ("chosen", "other", "unread")
+# One row per series folder (per stack read from it) per run: the series catalog. No patient
+# identity and no free text from the headers: ids, geometry, how the type was decided, skips.
+SERIES_SCHEMA = pa.schema(
+    [
+        pa.field("study_id", pa.string(), nullable=False),
+        pa.field("series_id", pa.string(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),  # one of SERIES_ROLES
+        pa.field("series_type", pa.string()),  # one of targets.SERIES_TYPES; null: untyped / unread
+        pa.field("type_source", pa.string()),  # the rule that decided it (dicom/series_types.py)
+        pa.field("plane", pa.string()),  # sagittal | axial | coronal
+        pa.field("n_slices", pa.int64(), nullable=False),
+        pa.field("n_stacks", pa.int64(), nullable=False),  # slabs (Series.slab_ids): 1 = one plain stack
+        pa.field("rows", pa.int64()),
+        pa.field("columns", pa.int64()),
+        pa.field("row_spacing", pa.float64()),  # PixelSpacing[0], mm
+        pa.field("column_spacing", pa.float64()),  # PixelSpacing[1], mm
+        pa.field("slice_spacing", pa.float64()),  # median distance between slices, mm
+        pa.field("slice_thickness", pa.float64()),  # SliceThickness, mm
+        pa.field("n_skipped", pa.int64(), nullable=False),  # files of the folder not used
+        pa.field("skipped_reasons", pa.string(), nullable=False),  # "" or ";"-joined "Type: reason (n files)"
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("recorded_at", _UTC_US, nullable=False),
+    ]
+)
+
+SCHEMAS = {PREDICTIONS: PREDICTIONS_SCHEMA, ERRORS: ERRORS_SCHEMA, STUDIES: STUDIES_SCHEMA, SERIES: SERIES_SCHEMA}
+_TIME_COLUMN = {PREDICTIONS: "scored_at", ERRORS: "recorded_at", STUDIES: "scored_at", SERIES: "recorded_at"}
+# Columns a table may leave out: the writer fills them (identity, time, derived row id, defaults;
+# a nullable column left out is null).
 PREDICTIONS_OPTIONAL: tuple[str, ...] = ("row_id", "model_version", "run_id", "scored_at", "flags")
 ERRORS_OPTIONAL: tuple[str, ...] = ("series_id", "model_version", "run_id", "recorded_at", "retryable")
-
-_CONDITION_SLUGS = tuple(c.slug for c in CONDITIONS)
+STUDIES_OPTIONAL: tuple[str, ...] = ("model_version", "run_id", "scored_at")
+SERIES_OPTIONAL: tuple[str, ...] = (
+    "model_version", "run_id", "recorded_at",
+    *(f.name for f in SERIES_SCHEMA if f.nullable),
+)
+_OPTIONAL = {PREDICTIONS: PREDICTIONS_OPTIONAL, ERRORS: ERRORS_OPTIONAL, STUDIES: STUDIES_OPTIONAL,
+             SERIES: SERIES_OPTIONAL}
 _EXAMPLES = 5
 
 
@@ -144,7 +219,7 @@ def _build_table(
     timestamp: datetime,
 ) -> pa.Table:
     schema = SCHEMAS[kind]
-    optional = PREDICTIONS_OPTIONAL if kind == PREDICTIONS else ERRORS_OPTIONAL
+    optional = _OPTIONAL[kind]
     columns = _columns_of(data, kind)
     missing = [f.name for f in schema if f.name not in columns and f.name not in optional]
     unknown = [c for c in columns if c not in schema.names]
@@ -181,13 +256,14 @@ def _build_table(
             arrays["flags"] = pa.chunked_array([pa.array([""] * n, pa.string())])
         if "row_id" not in arrays:
             arrays["row_id"] = _expected_row_ids(arrays["study_id"], arrays["condition"], arrays["level"])
-    else:
-        if "series_id" not in arrays:
-            arrays["series_id"] = pa.chunked_array([pa.nulls(n, pa.string())])
+    elif kind == ERRORS:
         if "retryable" in arrays:
             arrays["retryable"] = pc.fill_null(arrays["retryable"], False)
         else:
             arrays["retryable"] = pa.chunked_array([pa.array([False] * n, pa.bool_())])
+    for field in schema:
+        if field.name not in arrays and field.nullable:
+            arrays[field.name] = pa.chunked_array([pa.nulls(n, field.type)])
     for field in schema:
         if not field.nullable and arrays[field.name].null_count:
             raise SchemaError(f"{kind}: column {field.name!r} must not be null "
@@ -293,4 +369,71 @@ def to_errors_table(
     table = _build_table(data, ERRORS, model_version=model_version, run_id=run_id,
                          timestamp=recorded_at or utc_now())
     _check_errors(table)
+    return table
+
+
+def _refuse_rows(kind: str, bad: np.ndarray, ids: pd.Series, why: str) -> None:
+    if bad.any():
+        raise SchemaError(f"{kind}: {why}; bad rows {format_examples(ids[bad])}")
+
+
+def _check_studies(table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
+    frame = table.to_pandas()
+    ids = frame["study_id"]
+    dup = frame.duplicated(["study_id", "model_version", "run_id"]).to_numpy()
+    _refuse_rows(STUDIES, dup, ids, "one row per study and run")
+    low, high = min(SEVERITY_WEIGHTS), max(SEVERITY_WEIGHTS)
+    priority = frame["priority"].to_numpy(dtype=np.float64)
+    _refuse_rows(STUDIES, ~((priority >= low - 1e-9) & (priority <= high + 1e-9)), ids,
+                 f"priority (an expected severity weight) must lie in [{low}, {high}]")
+    severe = frame["any_severe_spinal"].to_numpy(dtype=np.float64)
+    _refuse_rows(STUDIES, ~((severe >= 0) & (severe <= 1 + 1e-9)), ids, "any_severe_spinal must lie in [0, 1]")
+    for slug in _CONDITION_SLUGS:
+        _refuse_rows(STUDIES, ~frame[slug].isin(SEVERITIES).to_numpy(), ids,
+                     f"{slug} must be one of {list(SEVERITIES)}")
+    for count in ("n_severe", "n_detected"):
+        values = frame[count].to_numpy()
+        _refuse_rows(STUDIES, (values < 0) | (values > len(TARGETS)), ids, f"{count} must lie in 0..{len(TARGETS)}")
+
+
+def _check_series(table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
+    frame = table.to_pandas()
+    ids = frame["study_id"] + "/" + frame["series_id"]
+    _refuse_rows(SERIES, ~frame["role"].isin(SERIES_ROLES).to_numpy(), ids, f"role must be one of {list(SERIES_ROLES)}")
+    typed = frame["series_type"].notna().to_numpy()
+    _refuse_rows(SERIES, typed & ~frame["series_type"].isin(SERIES_TYPES).to_numpy(), ids,
+                 f"series_type must be null or one of {list(SERIES_TYPES)}")
+    for count in ("n_slices", "n_stacks", "n_skipped"):
+        _refuse_rows(SERIES, frame[count].to_numpy() < 0, ids, f"{count} must be >= 0")
+    unread = (frame["role"] == "unread").to_numpy()
+    _refuse_rows(SERIES, unread & (frame["n_slices"].to_numpy() != 0), ids, "an unread series has no slices")
+    _refuse_rows(SERIES, ~unread & (frame["n_slices"].to_numpy() < 1), ids, "a series read has slices")
+
+
+def to_studies_table(
+    data: pd.DataFrame | pa.Table, *, model_version: str, run_id: str, scored_at: datetime | None = None
+) -> pa.Table:
+    """Validate ``data`` (worklist rows, :func:`lumbar_ray.outputs.worklist.study_worklist`) and
+    cast it to :data:`STUDIES_SCHEMA`. Optional: :data:`STUDIES_OPTIONAL`. Refused: a study twice
+    in one run, priority outside the severity weights' range, any_severe_spinal outside [0, 1],
+    a worst grade that is not a severity name, counts outside 0..25."""
+    table = _build_table(data, STUDIES, model_version=model_version, run_id=run_id,
+                         timestamp=scored_at or utc_now())
+    _check_studies(table)
+    return table
+
+
+def to_series_table(
+    data: pd.DataFrame | pa.Table, *, model_version: str, run_id: str, recorded_at: datetime | None = None
+) -> pa.Table:
+    """Validate ``data`` (series catalog rows, :func:`lumbar_ray.outputs.catalog.series_rows`)
+    and cast it to :data:`SERIES_SCHEMA`; nullable columns may be left out. Refused: an unknown
+    role or series type, negative counts, an unread series with slices or a read one without."""
+    table = _build_table(data, SERIES, model_version=model_version, run_id=run_id,
+                         timestamp=recorded_at or utc_now())
+    _check_series(table)
     return table

@@ -1,9 +1,12 @@
-"""Writing, reading and resuming the scoring outputs: Parquet part files of predictions and errors.
+"""Writing, reading and resuming the scoring outputs: Parquet part files of predictions, errors,
+the studies worklist and the series catalog.
 
 Layout under an output root (a local folder or any fsspec URL such as ``s3://bucket/prefix``)::
 
     {out}/predictions/part-{run_id}-{seq:06d}.parquet   one row per study x target (PREDICTIONS_SCHEMA)
     {out}/errors/part-{run_id}-{seq:06d}.parquet        one row per failure (ERRORS_SCHEMA)
+    {out}/studies/part-{run_id}-{seq:06d}.parquet       one row per scored study (STUDIES_SCHEMA)
+    {out}/series/part-{run_id}-{seq:06d}.parquet        one row per series read (SERIES_SCHEMA)
 
 (``part-{run_id}-{writer_id}-{seq:06d}.parquet`` when several writers share one run id.)
 
@@ -39,9 +42,13 @@ from lumbar_ray.outputs.schema import (
     ERRORS,
     PREDICTIONS,
     SCHEMAS,
+    SERIES,
+    STUDIES,
     format_examples,
     to_errors_table,
     to_predictions_table,
+    to_series_table,
+    to_studies_table,
     utc_now,
 )
 from lumbar_ray.targets import PROBABILITY_COLUMNS, TARGET_COLUMNS, TARGETS, level_slug
@@ -125,12 +132,13 @@ class OutputWriter:
         self.paths: list[str] = []
         self.n_predictions = 0
         self.n_errors = 0
+        self.n_rows = {kind: 0 for kind in SCHEMAS}
         self.closed = False
 
     def _next_seq(self) -> int:
         pattern = re.compile(rf"part-{re.escape(self._prefix)}-(\d{{6,}})\.parquet")
         last = -1
-        for kind in (PREDICTIONS, ERRORS):
+        for kind in SCHEMAS:
             for path in storage.glob(storage.join(self.out, kind, f"part-{self._prefix}-*.parquet")):
                 m = pattern.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
                 if m:
@@ -144,14 +152,25 @@ class OutputWriter:
         self,
         predictions: pd.DataFrame | pa.Table | None = None,
         errors: pd.DataFrame | pa.Table | None = None,
+        *,
+        studies: pd.DataFrame | pa.Table | None = None,
+        series: pd.DataFrame | pa.Table | None = None,
     ) -> list[str]:
-        """Validate both tables (nothing is written if either is refused), then write the
-        predictions part and the errors part of this call. Empty or None tables write nothing.
-        Returns the written paths."""
+        """Validate every table given (nothing is written if one is refused), then write one part
+        per table of this call, all with the same sequence number. Empty or None tables write
+        nothing. Returns the written paths."""
         if self.closed:
             raise RuntimeError("OutputWriter is closed")
         now = utc_now()
+        identity = {"model_version": self.model_version, "run_id": self.run_id}
         tables: list[tuple[str, pa.Table]] = []
+        # The series catalog and the worklist first: resume goes by predictions and errors only,
+        # so if a run dies between the files, these are written again for the studies it scores
+        # again (readers keep each study's latest run), rather than missing for studies it skips.
+        if not _is_empty(series):
+            tables.append((SERIES, to_series_table(series, **identity, recorded_at=now)))
+        if not _is_empty(studies):
+            tables.append((STUDIES, to_studies_table(studies, **identity, scored_at=now)))
         # Predictions first: if a run dies between the two files, the predictions (whose flags
         # name partial failures) survive rather than an error list that would make resume skip
         # the study without its predictions.
@@ -169,9 +188,10 @@ class OutputWriter:
             path = self.part_path(kind, self._seq)
             storage.write_bytes(path, _parquet_bytes(table))
             written.append(path)
+            self.n_rows[kind] += table.num_rows
             if kind == PREDICTIONS:
                 self.n_predictions += table.num_rows
-            else:
+            elif kind == ERRORS:
                 self.n_errors += table.num_rows
             log.debug("wrote %d %s rows to %s", table.num_rows, kind, path)
         self._seq += 1
@@ -181,8 +201,8 @@ class OutputWriter:
     def close(self) -> None:
         """Finish; later writes are refused. (Every part is complete once write returns.)"""
         if not self.closed:
-            log.info("run %s (%s): %d prediction rows, %d error rows in %d files under %s",
-                     self.run_id, self.model_version, self.n_predictions, self.n_errors, len(self.paths), self.out)
+            log.info("run %s (%s): %s rows in %d files under %s", self.run_id, self.model_version,
+                     ", ".join(f"{n} {kind}" for kind, n in self.n_rows.items()), len(self.paths), self.out)
         self.closed = True
 
     def __enter__(self) -> "OutputWriter":
@@ -199,7 +219,7 @@ class OutputWriter:
 
 def _check_kind(kind: str) -> None:
     if kind not in SCHEMAS:
-        raise KeyError(f"unknown table {kind!r}; expected {PREDICTIONS!r} or {ERRORS!r}")
+        raise KeyError(f"unknown table {kind!r}; expected one of {list(SCHEMAS)}")
 
 
 def part_paths(out: str | os.PathLike, kind: str = PREDICTIONS) -> list[str]:

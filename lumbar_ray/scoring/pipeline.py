@@ -24,7 +24,9 @@ from lumbar_ray.config import ScoreConfig
 from lumbar_ray.dicom.read import list_studies, load_descriptions, read_study
 from lumbar_ray.models.compat import check_version
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
+from lumbar_ray.outputs.catalog import series_rows
 from lumbar_ray.outputs.store import OutputWriter, scored_studies
+from lumbar_ray.outputs.worklist import study_worklist
 from lumbar_ray.scoring.output_lock import OutputLock
 from lumbar_ray.scoring.study import (
     ModelBundle,
@@ -53,6 +55,8 @@ class StudyItem:
     error: dict | None = None  # an errors-table row when the study failed as a whole
     predictions: pd.DataFrame | None = None  # the 25 rows after grading
     errors: pd.DataFrame | None = None  # the errors-table rows after grading
+    # the series catalog rows, built by the read stage (a few small dicts, not the volumes)
+    series: list[dict] | None = None
 
 
 def pack_volumes(study) -> Any:
@@ -94,14 +98,16 @@ def error_rows_frame(rows: list[dict], version: str, run_id: str, recorded_at: p
 def read_study_row(row: dict, root: str, split: str, descriptions: pd.DataFrame | None) -> dict:
     """A read task over one study: its row, with a StudyItem holding the study or its error."""
     study_id = str(row["study_id"])
+    catalog = None
     try:
         study = read_study(root, study_id, split=split, descriptions=descriptions)
+        catalog = series_rows(study)  # before the check: a study with nothing readable lists its folders too
         require_readable(study)
-        item = StudyItem(study_id, study=pack_volumes(study))
+        item = StudyItem(study_id, study=pack_volumes(study), series=catalog)
     except Exception as exc:  # recorded: one bad study must not stop the job; a bug propagates
         if not is_study_failure(exc):
             raise
-        item = StudyItem(study_id, error=failure_row(study_id, "read", exc))
+        item = StudyItem(study_id, error=failure_row(study_id, "read", exc), series=catalog)
     return {"study_id": study_id, "item": item}
 
 
@@ -304,9 +310,11 @@ class PartFiles:
     pending: int = 0  # studies since the last flush
     predictions: list[pd.DataFrame] = field(default_factory=list)
     errors: list[pd.DataFrame] = field(default_factory=list)
+    series: list[dict] = field(default_factory=list)
 
     def add(self, item: StudyItem) -> None:
         preds, errs = item.predictions, item.errors
+        self.series.extend(item.series or [])
         if preds is not None:
             self.predictions.append(preds)
             self.rows += len(preds)
@@ -325,9 +333,13 @@ class PartFiles:
     def flush(self) -> None:
         if self.pending:
             self.lock.check()  # another run took the output over: stop before writing anything twice
-            self.writer.write(pd.concat(self.predictions, ignore_index=True) if self.predictions else None,
-                              pd.concat(self.errors, ignore_index=True) if self.errors else None)
-        self.pending, self.predictions, self.errors = 0, [], []
+            predictions = pd.concat(self.predictions, ignore_index=True) if self.predictions else None
+            errors = pd.concat(self.errors, ignore_index=True) if self.errors else None
+            # The worklist rows of the scored studies, in the same flush: resume and the lock cover them.
+            studies = study_worklist(predictions, errors) if predictions is not None else None
+            self.writer.write(predictions, errors, studies=studies,
+                              series=pd.DataFrame(self.series) if self.series else None)
+        self.pending, self.predictions, self.errors, self.series = 0, [], [], []
 
 
 def score_holding_lock(cfg: ScoreConfig, run_id: str, model_version: str, lock: OutputLock,
@@ -395,10 +407,11 @@ def score_alone(cfg: ScoreConfig, study_id: str, run_id: str, model_version: str
     not retryable) and no predictions; its batch-mates are scored as in the pipeline. Models are
     loaded per task: slow, but only for the few studies of a failed batch."""
     retries = {"max_retries": max(0, cfg.crash_retries)}
-    stage = "read"
+    stage, catalog = "read", None
     try:
         read = ray.remote(read_study_row).options(num_cpus=cfg.read_cpus, **ray_remote_args_with_storage_env(**retries))
         item = ray.get(read.remote({"study_id": study_id}, cfg.input, cfg.split, descriptions))["item"]
+        catalog = item.series  # kept: the process that dies later takes the item with it
         if item.study is not None:
             stage = "detect"
             detect = ray.remote(detect_alone).options(num_cpus=cfg.detector_cpus, num_gpus=cfg.detector_gpus,
@@ -418,5 +431,5 @@ def score_alone(cfg: ScoreConfig, study_id: str, run_id: str, model_version: str
                # a lost node is not the study's doing: the next run scores it again
                "retryable": isinstance(exc, ray.exceptions.NodeDiedError)}
         log.error("study %s killed its %s process on every try; recorded as %s", study_id, stage, WORKER_CRASHED)
-        return StudyItem(study_id, error=row,
+        return StudyItem(study_id, error=row, series=catalog,
                          errors=error_rows_frame([row], model_version, run_id, pd.Timestamp.now(tz="UTC")))
