@@ -191,7 +191,7 @@ def export_kaggle_cmd(
 
 @app.command()
 def query(
-    sql: str = typer.Argument(..., help="SQL over the views `predictions` and `errors`."),
+    sql: str = typer.Argument(..., help="SQL over the views `predictions`, `errors`, `studies` (the worklist) and `series` (the catalog)."),
     scores: str = typer.Option(..., help="Scoring output root."),
     csv: bool = typer.Option(False, help="Print CSV instead of a table."),
 ) -> None:
@@ -230,17 +230,30 @@ def evaluate(
 @app.command()
 def report(
     scores: str = typer.Option(..., help="Scoring output root."),
-    data: str = typer.Option(..., help="Data root the study was scored from."),
-    study: str = typer.Option(..., help="Study id."),
-    to: Path = typer.Option(..., help="Folder for the PNGs."),
+    data: str = typer.Option(..., help="Data root the studies were scored from (for the overlays)."),
+    to: str = typer.Option(..., help="Folder (or fsspec URL) for index.html, the study pages and their PNGs."),
+    study: Optional[list[str]] = typer.Option(None, help="Only this study (repeatable); default every scored study."),
     split: str = "test",
-    model_version: Optional[str] = None,
+    model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
 ) -> None:
-    """One PNG per series: where each level was found and how it was graded."""
-    from lumbar_ray.outputs.overlays import write_study_report
+    """HTML review: index.html (the worklist, highest priority first) and a page per study with its
+    25 findings, flags and overlays (one PNG per series); self-contained, opens offline."""
+    from lumbar_ray.errors import EXIT_USAGE, UserError, exit_code_of
+    from lumbar_ray.outputs.html_report import write_html_report
 
-    for png in write_study_report(scores, data, study, str(to), split=split, model_version=model_version):
-        typer.echo(png)
+    try:
+        result = write_html_report(scores, data, to, split=split, model_version=model_version, studies=study)
+    except (UserError, ValueError) as exc:  # a version or study not in the output: one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exit_code_of(exc) or EXIT_USAGE) from None
+    for page in result.pages:
+        if study:  # the studies asked for by name: where each file went, as before
+            typer.echo(page.path)
+            for png in page.overlays:
+                typer.echo(png)
+        if page.overlay_note:
+            typer.echo(f"study {page.study_id}: overlays not drawn: {page.overlay_note}", err=True)
+    typer.echo(f"wrote {result.index} ({len(result.pages)} study pages, {len(result.without_overlays)} without overlays)")
 
 
 @app.command()
@@ -254,6 +267,71 @@ def demo(
     from lumbar_ray.demo import run_demo
 
     run_demo(workdir=workdir, studies=studies, seed=seed, echo=typer.echo)
+
+
+@app.command()
+def worklist(
+    scores: str = typer.Option(..., help="Scoring output root."),
+    top: Optional[int] = typer.Option(None, min=1, help="Only the N studies of highest priority."),
+    model_version: Optional[str] = typer.Option(None, help="Which model version's studies (needed when several)."),
+    csv: bool = typer.Option(False, help="Print CSV (every column) instead of one line per study."),
+) -> None:
+    """The scored studies by priority, highest first (expected severity weighted as the metric
+    weights it), with worst grades and review flags; failed studies are counted on stderr."""
+    from lumbar_ray.errors import EXIT_USAGE, UserError, exit_code_of
+    from lumbar_ray.outputs.worklist import failed_studies, format_worklist, read_worklist
+
+    try:
+        frame = read_worklist(scores, model_version=model_version)
+        failed = failed_studies(scores, model_version=model_version)
+    except (UserError, ValueError) as exc:  # the user's to fix (several versions, storage down): one line
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exit_code_of(exc) or EXIT_USAGE) from None
+    if frame.empty:
+        typer.echo(f"no scored studies under {scores}", err=True)
+    shown = frame.head(top) if top is not None else frame
+    typer.echo(shown.to_csv(index=False) if csv else format_worklist(shown), nl=not csv)
+    if failed:  # not on the worklist (nothing was graded), but never silently left off
+        typer.echo(f"{len(failed)} studies failed and are not listed (see the errors table): "
+                   f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}", err=True)
+
+
+@app.command("export-sr")
+def export_sr_cmd(
+    scores: str = typer.Option(..., help="Scoring output root."),
+    data: str = typer.Option(..., help="Data root the studies were scored from (local, s3://, dicomweb://)."),
+    to: str = typer.Option(..., help="Folder (or fsspec URL) for {study_id}.dcm, or dicomweb://HOST:PORT/PATH "
+                           "to store the SRs there (STOW-RS)."),
+    split: str = typer.Option("test", help="Which split's images the rows point at."),
+    model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
+    study: Optional[list[str]] = typer.Option(None, help="Only this study (repeatable); default every scored study."),
+) -> None:
+    """One DICOM Structured Report per study (TID 1500): the 25 findings with grade, probabilities
+    and the point on the source image; patient and study identifiers from the source study.
+    Studies without an SR are named on stderr (exit 5; 7 when storage alone kept them from being read)."""
+    from lumbar_ray.errors import EXIT_DATA, EXIT_TRANSIENT, EXIT_USAGE, UserError, exit_code_of
+    from lumbar_ray.outputs.sr import SRExport, built_srs, export_srs, study_srs
+
+    try:
+        if to.startswith(("dicomweb://", "dicomwebs://")):
+            from lumbar_ray.dicomweb import store_instances  # optional: only for a PACS target
+
+            result = SRExport()
+            items = built_srs(study_srs(scores, data, split=split, model_version=model_version, studies=study), result)
+            stored = store_instances(to, (item.dataset for item in items))
+            done = f"stored {stored} SRs in {to}"
+        else:
+            result = export_srs(scores, data, to, split=split, model_version=model_version, studies=study)
+            done = f"wrote {len(result.written)} SRs to {to}"
+    except (UserError, ValueError) as exc:  # the user's to fix: one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exit_code_of(exc) or EXIT_USAGE) from None
+    for reason in result.failed.values():
+        typer.echo(f"error: {reason}", err=True)
+    typer.echo(done + (f"; {len(result.failed)} studies without an SR (named above)" if result.failed else ""))
+    if result.failed:
+        # transient only when every failure was: a rerun then does the rest
+        raise typer.Exit(EXIT_TRANSIENT if len(result.transient) == len(result.failed) else EXIT_DATA)
 
 
 def main() -> None:  # pragma: no cover - console entry point
