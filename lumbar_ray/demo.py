@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on the embedded default (synthetic studies).
 
 synthesize train + test splits -> cross-validated training on Ray (small) -> registry version
-(champion) -> bulk scoring of the test split on Ray Data -> metrics, a sample query, an overlay.
+(champion) -> bulk scoring of the test split on Ray Data -> a sample query, the worklist, DICOM
+SRs (one study's re-read and checked against its Parquet rows) and the HTML review.
 Every step prints what it did and where it wrote.
 """
 
@@ -12,10 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from lumbar_ray.config import DetectorConfig, ResourceConfig, ScoreConfig, ScorerConfig, TrainConfig
 from lumbar_ray.models.registry import ModelRegistry
-from lumbar_ray.outputs.overlays import write_study_report
+from lumbar_ray.outputs.html_report import write_html_report
 from lumbar_ray.outputs.query import query
+from lumbar_ray.outputs.sr import export_srs, read_sr_findings
+from lumbar_ray.outputs.store import select_scores
+from lumbar_ray.outputs.worklist import format_worklist, read_worklist
 from lumbar_ray.runtime import ray_session
 from lumbar_ray.scoring.pipeline import run_scoring
 from lumbar_ray.synth import writer as synth
@@ -59,14 +65,18 @@ def run_demo(workdir: Path, studies: int | None = None, seed: int = 7, echo: Cal
         step("scoring the test split on Ray Data (read -> detector actors -> DeepScoreNet actors -> Parquet)")
         summary = run_scoring(ScoreConfig(input=str(data), models=str(registry), out=str(scores), split="test",
                                           flush_studies=4), echo=lambda m: step(m))
-    overlays = show_outputs(data, scores, workdir / "report", step, echo)
+    show_outputs(scores, step, echo)
+    srs = export_and_check_srs(data, scores, workdir / "sr", step)
+    review = write_html_report(str(scores), str(data), str(workdir / "review"), split="test")
     step(f"scored {summary.n_scored} studies at {summary.studies_per_s:.2f} studies/s; outputs:")
     echo(f"  predictions: {scores / 'predictions'}")
     echo(f"  errors:      {scores / 'errors'}")
-    for png in overlays:
-        echo(f"  overlay:     {png}")
+    echo(f"  worklist:    {scores / 'studies'}  (lumbar-ray worklist --scores {scores})")
+    echo(f"  series:      {scores / 'series'}")
+    echo(f"  DICOM SRs:   {workdir / 'sr'}  ({len(srs)} studies)")
+    echo(f"  HTML review: {review.index}")
     step("done")
-    return {"data": data, "registry": registry, "scores": scores, "overlays": overlays, "summary": summary}
+    return {"data": data, "registry": registry, "scores": scores, "srs": srs, "review": review, "summary": summary}
 
 
 def synthesize_data(data: Path, contact_sheet: Path, sizes: DemoSizes, seed: int,
@@ -102,14 +112,32 @@ def ensure_champion(data: Path, registry: Path, sizes: DemoSizes, seed: int, ste
     step(f"registry version {outcome.version} is the champion: {registry}/versions/{outcome.version}")
 
 
-def show_outputs(data: Path, scores: Path, report_dir: Path, step: Callable[[str], None],
-                 echo: Callable[[str], None]) -> list:
-    """Print a sample query over the outputs; draw the overlays of the first scored study."""
+def show_outputs(scores: Path, step: Callable[[str], None], echo: Callable[[str], None]) -> None:
+    """Print a sample query over the outputs and the worklist."""
     table = query(str(scores), "SELECT condition, "
                                "round(avg(severe), 3) AS mean_p_severe, "
                                "sum(CASE WHEN detected THEN 1 ELSE 0 END) AS detected, count(*) AS n "
                                "FROM predictions GROUP BY condition ORDER BY condition")
     step("sample query (DuckDB over the Parquet outputs):")
     echo(table.to_string(index=False))
-    first_study = str(query(str(scores), "SELECT min(study_id) AS s FROM predictions")["s"].iloc[0])
-    return write_study_report(str(scores), str(data), first_study, report_dir, split="test")
+    step("worklist (highest priority first):")
+    echo(format_worklist(read_worklist(str(scores))))
+
+
+def export_and_check_srs(data: Path, scores: Path, to: Path, step: Callable[[str], None]) -> list[str]:
+    """One DICOM SR per scored study; the first one re-read with highdicom must hold its
+    study's 25 Parquet rows (grade and probabilities), else the demo fails."""
+    result = export_srs(str(scores), str(data), str(to), split="test")
+    if result.failed or not result.written:
+        raise RuntimeError(f"SR export failed for {result.failed or 'every study'}")
+    findings = read_sr_findings(result.written[0])
+    study_id = Path(result.written[0]).stem
+    scored = select_scores(str(scores))
+    rows = scored[scored["study_id"].astype(str) == study_id].set_index("column")
+    probs = ["normal_mild", "moderate", "severe"]
+    expected = rows.loc[findings["column"], probs].to_numpy(dtype=float)
+    if len(findings) != 25 or not np.allclose(findings[probs].to_numpy(dtype=float), expected):
+        raise RuntimeError(f"the SR of study {study_id} does not hold its 25 Parquet rows")
+    step(f"wrote {len(result.written)} DICOM SRs; re-read {Path(result.written[0]).name} with highdicom: "
+         f"25 findings equal to its Parquet rows")
+    return result.written

@@ -235,3 +235,21 @@ def trained(synthetic_root, tmp_path_factory, killed_trials):
             ray.shutdown()
     ModelRegistry(str(registry)).set_champion(outcome.version, reason="test fixture")
     return outcome
+
+
+# ----- services CI must have: a skip there is a failure -------------------------------------------
+
+# `.ci/run` installs Orthanc and chromium and sets this to the markers whose tests must run; a
+# developer's machine without them skips those tests with a message instead.
+REQUIRED_MARKERS_ENV = "LUMBAR_RAY_REQUIRE_SERVICES"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    required = set(os.environ.get(REQUIRED_MARKERS_ENV, "").split())
+    if report.skipped and required & {m.name for m in item.iter_markers()}:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRED_MARKERS_ENV} requires this test to run, but it skipped: {reason}"
