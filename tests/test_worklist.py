@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from lumbar_ray.outputs.catalog import series_folder_of, skipped_summary
-from lumbar_ray.outputs.schema import SERIES, STUDIES, SchemaError, to_series_table, to_studies_table
+from lumbar_ray.outputs.schema import NOT_FOUND, SERIES, STUDIES, SchemaError, to_series_table, to_studies_table
 from lumbar_ray.outputs.store import OutputWriter, part_paths, read_table
 from lumbar_ray.outputs.worklist import (
     CONDITION_COLUMNS,
@@ -98,6 +98,24 @@ def test_worst_grade_per_condition_and_counts():
         "right_neural_foraminal_narrowing": "Moderate", "left_subarticular_stenosis": "Normal/Mild",
         "right_subarticular_stenosis": "Normal/Mild"}
     assert row["n_severe"] == 1 and row["n_detected"] == len(TARGETS) - 2
+
+
+def test_levels_not_found_carry_no_grade():
+    """An undetected row holds the weighted prior, whose argmax may be Severe: it is no finding.
+    A condition with no level found reads NOT_FOUND; its probabilities still weigh in priority."""
+    foramen = [t.index for t in TARGETS if t.condition.slug == "left_neural_foraminal_narrowing"]
+    canal_l1 = index_of("spinal_canal_stenosis_l1_l2")
+    severe_prior = {i: 2 for i in foramen} | {canal_l1: 2}
+    row = study_worklist(rows("7", severe_prior, undetected=set(foramen) | {canal_l1})).iloc[0]
+    assert row["left_neural_foraminal_narrowing"] == NOT_FOUND
+    assert row["spinal_canal_stenosis"] == "Normal/Mild"  # the other four levels, found and normal
+    assert row["n_severe"] == 0 and row["n_detected"] == len(TARGETS) - 6
+    assert row["priority"] > study_worklist(rows("8")).iloc[0]["priority"]
+    assert row["any_severe_spinal"] == pytest.approx(1.0)
+    assert "LNFN=-" in format_worklist(study_worklist(rows("7", severe_prior, undetected=set(foramen))))
+    stored = to_studies_table(study_worklist(rows("7", severe_prior, undetected=set(foramen))),
+                              model_version="v1", run_id="r1")
+    assert stored.column("left_neural_foraminal_narrowing").to_pylist() == [NOT_FOUND]
 
 
 def test_flags_become_review_reasons():

@@ -42,6 +42,7 @@ __all__ = [
     "PREDICTIONS_OPTIONAL",
     "ERRORS_OPTIONAL",
     "FLAG_SEPARATOR",
+    "NOT_FOUND",
     "SchemaError",
     "to_predictions_table",
     "to_errors_table",
@@ -59,6 +60,8 @@ STAGES: tuple[str, ...] = ("list", "read", "detect", "score", "write")
 _PROBS = list(PROBABILITY_COLUMNS)
 _UTC_US = pa.timestamp("us", tz="UTC")
 FLAG_SEPARATOR = ";"
+# The worklist's worst grade of a condition none of whose levels the detectors found.
+NOT_FOUND = "not found"
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -109,9 +112,9 @@ STUDIES_SCHEMA = pa.schema(
         pa.field("scored_at", _UTC_US, nullable=False),
         pa.field("priority", pa.float64(), nullable=False),  # expected metric weight, 1..4
         pa.field("any_severe_spinal", pa.float64(), nullable=False),  # max over levels of P(severe), spinal
-        # worst graded class over the 5 levels, spelled as in targets.SEVERITIES
+        # worst graded class over the levels found, spelled as in targets.SEVERITIES; NOT_FOUND if none
         *[pa.field(slug, pa.string(), nullable=False) for slug in _CONDITION_SLUGS],
-        pa.field("n_severe", pa.int64(), nullable=False),  # targets graded Severe
+        pa.field("n_severe", pa.int64(), nullable=False),  # found targets graded Severe
         pa.field("n_detected", pa.int64(), nullable=False),  # targets the detectors found (of 25)
         pa.field("flags", pa.string(), nullable=False),  # "" or ";"-joined review reasons
         pa.field("review", pa.bool_(), nullable=False),  # a reason to look at it before trusting it
@@ -391,8 +394,8 @@ def _check_studies(table: pa.Table) -> None:
     severe = frame["any_severe_spinal"].to_numpy(dtype=np.float64)
     _refuse_rows(STUDIES, ~((severe >= 0) & (severe <= 1 + 1e-9)), ids, "any_severe_spinal must lie in [0, 1]")
     for slug in _CONDITION_SLUGS:
-        _refuse_rows(STUDIES, ~frame[slug].isin(SEVERITIES).to_numpy(), ids,
-                     f"{slug} must be one of {list(SEVERITIES)}")
+        _refuse_rows(STUDIES, ~frame[slug].isin((*SEVERITIES, NOT_FOUND)).to_numpy(), ids,
+                     f"{slug} must be one of {[*SEVERITIES, NOT_FOUND]}")
     for count in ("n_severe", "n_detected"):
         values = frame[count].to_numpy()
         _refuse_rows(STUDIES, (values < 0) | (values > len(TARGETS)), ids, f"{count} must lie in 0..{len(TARGETS)}")
@@ -420,7 +423,7 @@ def to_studies_table(
     """Validate ``data`` (worklist rows, :func:`lumbar_ray.outputs.worklist.study_worklist`) and
     cast it to :data:`STUDIES_SCHEMA`. Optional: :data:`STUDIES_OPTIONAL`. Refused: a study twice
     in one run, priority outside the severity weights' range, any_severe_spinal outside [0, 1],
-    a worst grade that is not a severity name, counts outside 0..25."""
+    a worst grade that is neither a severity name nor NOT_FOUND, counts outside 0..25."""
     table = _build_table(data, STUDIES, model_version=model_version, run_id=run_id,
                          timestamp=scored_at or utc_now())
     _check_studies(table)

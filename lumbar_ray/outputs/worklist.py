@@ -23,11 +23,15 @@ Columns
     As the metric defines it (``metrics/rsna.py``): the max over the 5 levels of the spinal
     canal stenosis rows' P(severe), as stored.
 one column per condition slug (``targets.CONDITIONS``)
-    The worst graded class over the 5 levels, spelled as in ``targets.SEVERITIES``
-    ("Normal/Mild", "Moderate", "Severe"); a level's grade is the argmax of its probabilities
-    (ties go to the lower class, as ``metrics.rsna.predicted_class``).
+    The worst graded class over the levels the detectors found, spelled as in
+    ``targets.SEVERITIES`` ("Normal/Mild", "Moderate", "Severe"), or :data:`NOT_FOUND` when no
+    level of the condition was found; a level's grade is the argmax of its probabilities (ties
+    go to the lower class, as ``metrics.rsna.predicted_class``). Levels not found are left out:
+    their rows hold the model's prior weighted as the metric weights it, whose argmax leans to
+    Severe by design (right for the log loss, wrong as a finding); they still count in
+    ``priority`` and ``any_severe_spinal`` through their probabilities.
 ``n_severe``, ``n_detected``
-    Targets graded Severe; targets the detectors found (the others carry the model's prior).
+    Found targets graded Severe; targets the detectors found (the others carry the model's prior).
 ``flags``
     The review reasons, ";"-joined: every flag scoring put on the study's rows (``series_missing:
     TYPE``, ``no_detector:TYPE``, ``detect_failed:TYPE``, ``skipped_files:N`` (partly read),
@@ -56,6 +60,7 @@ from lumbar_ray.metrics.rsna import ANY_SEVERE, predicted_class
 from lumbar_ray.outputs.schema import (
     ERRORS,
     FLAG_SEPARATOR,
+    NOT_FOUND,
     PREDICTIONS,
     STUDIES,
     STUDIES_SCHEMA,
@@ -164,11 +169,11 @@ def study_worklist(predictions: pd.DataFrame, errors: pd.DataFrame | None = None
         **{f"_weight_{f}": np.where(family == f, norm @ _WEIGHTS, np.nan) for f in FAMILIES},
         **{f"_at_most_{k}": at_most[:, k] for k in range(len(SEVERITIES))},
         _spinal_severe=np.where(spinal, probs[:, _SEVERE], np.nan),
-        _severe=grade == _SEVERE,
+        _severe=(grade == _SEVERE) & detected,
         _detected=detected,
         _undetected=~detected,
         _low=detected & ~(confidence >= low_confidence),  # a detected row without a confidence is low too
-        **{f"_grade_{c}": np.where(frame["condition"].to_numpy() == c, grade, -1) for c in CONDITION_COLUMNS},
+        **{f"_grade_{c}": np.where((frame["condition"].to_numpy() == c) & detected, grade, -1) for c in CONDITION_COLUMNS},
     )
     grouped = work.groupby(keys, sort=False)
     out = grouped.agg(
@@ -182,7 +187,7 @@ def study_worklist(predictions: pd.DataFrame, errors: pd.DataFrame | None = None
     out.insert(len(keys), "priority", _priority(out))
     out = out.drop(columns=[c for c in out.columns if c.startswith(("_weight_", "_at_most_"))])
     for c in CONDITION_COLUMNS:
-        out[c] = [SEVERITIES[int(g)] for g in out[c]]
+        out[c] = [SEVERITIES[int(g)] if g >= 0 else NOT_FOUND for g in out[c]]
     if "scored_at" in frame.columns:
         out = out.merge(frame.groupby(keys, sort=False)["scored_at"].max().reset_index(), on=keys, how="left")
     result = _with_flags(out, frame, errors, keys)
@@ -331,7 +336,7 @@ def _initials(text: str) -> str:
 # Short names for a one-line view, derived from the targets table: spinal_canal_stenosis -> SCS,
 # "Normal/Mild" -> N, "Moderate" -> M, "Severe" -> S.
 CONDITION_ABBREVIATIONS = {c: _initials(c) for c in CONDITION_COLUMNS}
-GRADE_ABBREVIATIONS = {s: s[0] for s in SEVERITIES}
+GRADE_ABBREVIATIONS = {**{s: s[0] for s in SEVERITIES}, NOT_FOUND: "-"}
 
 
 def compact_flags(flags: str) -> str:
@@ -348,7 +353,7 @@ def format_worklist(frame: pd.DataFrame, top: int | None = None) -> str:
     if top is not None:
         frame = frame.head(top)
     legend = (f"grades: worst per condition ({', '.join(f'{a}={c}' for c, a in CONDITION_ABBREVIATIONS.items())}); "
-              f"{', '.join(f'{a}={s}' for s, a in GRADE_ABBREVIATIONS.items())}")
+              f"{', '.join(f'{a}={s}' for s, a in GRADE_ABBREVIATIONS.items())} (no level found)")
     lines = [legend, f"{'#':>3}  {'study':<12} {'priority':>8} {'severe_sp':>9}  {'grades':<34} {'found':>5}  review"]
     for rank, row in enumerate(frame.itertuples(index=False), start=1):
         row = row._asdict()
