@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.scoring.pipeline import PartFiles, StudyItem, pack_volumes, read_study_row
+from lumbar_ray.targets import TARGETS
 
 
 def test_pack_volumes_is_lossless_or_leaves_the_volume_alone():
@@ -64,20 +65,28 @@ def test_a_study_that_cannot_be_read_becomes_an_error_row(tmp_path):
     assert item.error["study_id"] == "42" and item.error["stage"] == "read" and item.error["series_id"] is None
 
 
+def study_rows(study_id: str) -> pd.DataFrame:
+    """A study's 25 prediction rows as scoring writes them (every target Normal/Mild, found)."""
+    return pd.DataFrame([{"study_id": study_id, "condition": t.condition.slug, "level": t.level,
+                          "normal_mild": 1.0, "moderate": 0.0, "severe": 0.0, "detected": True,
+                          "confidence": 0.9, "flags": ""} for t in TARGETS])
+
+
 def test_part_files_count_studies_and_write_them_in_one_part_per_flush():
     written, checks = [], []
-    writer = SimpleNamespace(write=lambda preds, errs: written.append((preds, errs)))
+    writer = SimpleNamespace(write=lambda preds, errs, **more: written.append((preds, errs, more)))
     lock = SimpleNamespace(check=lambda: checks.append(True))
     parts = PartFiles(writer, lock)
-    rows = pd.DataFrame({"x": range(25)})
-    problem = pd.DataFrame({"stage": ["read"]})
-    parts.add(StudyItem("1", predictions=rows, errors=problem.iloc[:0]))
-    parts.add(StudyItem("2", predictions=rows, errors=problem))  # scored, with a recorded problem
-    parts.add(StudyItem("3", errors=problem))  # failed as a whole
+    problem = pd.DataFrame({"study_id": ["x"], "stage": ["read"]})
+    parts.add(StudyItem("1", predictions=study_rows("1"), errors=problem.iloc[:0]))
+    parts.add(StudyItem("2", predictions=study_rows("2"), errors=problem.assign(study_id="2")))  # with a problem
+    parts.add(StudyItem("3", errors=problem.assign(study_id="3")))  # failed as a whole
     assert (parts.n_scored, parts.n_with_errors, parts.n_failed, parts.rows, parts.pending) == (2, 1, 1, 50, 3)
     parts.flush()
     parts.flush()  # nothing pending: no empty part file, no lock check
     assert len(written) == 1 and len(checks) == 1
-    preds, errs = written[0]
+    preds, errs, more = written[0]
     assert len(preds) == 50 and len(errs) == 2
+    # the worklist rows of the scored studies go in the same flush
+    assert sorted(more["studies"]["study_id"]) == ["1", "2"]
     assert parts.pending == 0 and not parts.predictions and not parts.errors
