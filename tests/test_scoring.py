@@ -228,8 +228,8 @@ def test_killed_run_keeps_what_it_wrote_and_rerun_adds_no_duplicates(synthetic_r
     killed = False
     # A run that dies on start-up (before scoring anything: e.g. a Ray port taken by a neighbour
     # on a shared machine, or Ray's fixed 30 s wait for its raylet under a heavy load) is retried
-    # twice; its logs go into the failure message if all fail.
-    for attempt in range(3):
+    # up to four times; its logs go into the failure message if all fail.
+    for attempt in range(5):
         log_path = tmp_path / f"score-{attempt}.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log_file,
