@@ -35,7 +35,7 @@ import pandas as pd
 
 from lumbar_ray import storage
 from lumbar_ray.dicom.errors import DicomReadError
-from lumbar_ray.outputs.overlays import GRADE_COLOURS, report_path, write_study_report
+from lumbar_ray.outputs.overlays import GRADE_COLOURS, graded_rows, report_path, write_study_report
 from lumbar_ray.outputs.schema import FLAG_SEPARATOR
 from lumbar_ray.outputs.store import read_errors, select_scores
 from lumbar_ray.outputs.worklist import CONDITION_COLUMNS, failed_studies, read_worklist
@@ -185,22 +185,12 @@ def _page(title: str, body: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _graded(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with the probabilities normalised and the grade (their argmax), as the overlays draw them."""
-    rows = rows.copy()
-    probs = rows[_PROBS].to_numpy(dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    rows[_PROBS] = probs
-    rows["grade"] = probs.argmax(axis=1)
-    return rows
-
-
 def _findings_table(rows: pd.DataFrame) -> str:
     head = ("<tr><th>#</th><th>Condition</th><th>Level</th><th>Grade</th><th>P normal/mild</th>"
             "<th>P moderate</th><th>P severe</th><th>Detected</th><th>Confidence</th><th>Series</th>"
             "<th>Instance</th><th>x, y (px)</th></tr>")
     body = []
-    for _, row in _graded(rows).iterrows():
+    for _, row in graded_rows(rows).iterrows():
         target = TARGET_BY_COLUMN[row["column"]]
         grade = int(row["grade"])
         detected = bool(row.get("detected", False))

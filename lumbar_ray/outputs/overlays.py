@@ -186,6 +186,18 @@ def _draw_series(study_id: str, series_type: str, series, rows: pd.DataFrame, by
     return buf.getvalue()
 
 
+def graded_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``rows`` with the probabilities rescaled to sum 1, the grade (their argmax) and
+    its probability ``p_grade``: what the overlays draw and the HTML review lists."""
+    rows = rows.copy()
+    probs = rows[_PROBS].to_numpy(dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    rows[_PROBS] = probs
+    rows["grade"] = probs.argmax(axis=1)
+    rows["p_grade"] = probs.max(axis=1)
+    return rows
+
+
 def write_study_report(
     scores: str | os.PathLike | pd.DataFrame | pa.Table,
     data_root: str | os.PathLike,
@@ -206,15 +218,11 @@ def write_study_report(
     """
     study_id = str(study_id)
     frame = select_scores(scores, model_version)
-    rows = frame[frame["study_id"] == study_id].copy()
+    rows = frame[frame["study_id"] == study_id]
     if rows.empty:
         raise ValueError(f"no predictions for study {study_id}"
                          + (f" (model version {model_version})" if model_version else ""))
-    probs = rows[_PROBS].to_numpy(dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    rows[_PROBS] = probs
-    rows["grade"] = probs.argmax(axis=1)
-    rows["p_grade"] = probs.max(axis=1)
+    rows = graded_rows(rows)
     rows["detected"] = rows["detected"].astype(bool) if "detected" in rows else False
     rows["series_type"] = rows["column"].map(lambda c: TARGET_BY_COLUMN[c].series_type)
     flags = sorted({f for text in rows.get("flags", pd.Series(dtype=str)).dropna() for f in str(text).split(";") if f})
