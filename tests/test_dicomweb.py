@@ -42,7 +42,6 @@ from registries import registry_with_versions, untrained_registry
 
 PROBS = ["normal_mild", "moderate", "severe"]
 N_STUDIES = 3
-CREDENTIAL_ENVS = (TOKEN_ENV, USER_ENV, PASSWORD_ENV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,18 +132,11 @@ def pacs(tmp_path_factory):
     reason = orthanc.missing()
     if reason:
         pytest.skip(reason)
-    saved = {name: os.environ.get(name) for name in CREDENTIAL_ENVS}
-    with orthanc.running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        os.environ.pop(TOKEN_ENV, None)
-        os.environ.update(server.credentials_env)
-        try:
-            yield server
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+    with orthanc.running_orthanc(tmp_path_factory.mktemp("orthanc")) as server, pytest.MonkeyPatch.context() as env:
+        env.delenv(TOKEN_ENV, raising=False)
+        for name, value in server.credentials_env.items():
+            env.setenv(name, value)
+        yield server
 
 
 @pytest.fixture(scope="module")
