@@ -174,6 +174,51 @@ def test_a_folder_is_never_read_in_part_when_storage_fails(tmp_path, monkeypatch
         load_folder_slices(FlakyFS({names[1]}, fails=None), folder, DEFAULT_LIMITS)
 
 
+class FlakyListingFS:
+    """A local file system whose ``isdir`` and ``ls`` reset the connection ``fails`` times each
+    (None: for ever) before answering."""
+
+    def __init__(self, fails: int | None):
+        import fsspec
+
+        self.fs = fsspec.filesystem("file")
+        self.fails, self.calls = fails, {"isdir": 0, "ls": 0}
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def _maybe_reset(self, name: str) -> None:
+        self.calls[name] += 1
+        if self.fails is None or self.calls[name] <= self.fails:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by peer")
+
+    def isdir(self, path):
+        self._maybe_reset("isdir")
+        return self.fs.isdir(path)
+
+    def ls(self, path, detail=True, **kwargs):
+        self._maybe_reset("ls")
+        return self.fs.ls(path, detail=detail, **kwargs)
+
+
+def test_a_study_folder_listing_is_retried_like_its_files(tmp_path, monkeypatch):
+    from lumbar_ray.dicom.read import read_study
+
+    monkeypatch.setenv("LUMBAR_RAY_S3_RETRY_BASE_S", "0.01")
+    monkeypatch.setenv("LUMBAR_RAY_S3_RETRY_ATTEMPTS", "3")
+    _series_folder(tmp_path)
+    (tmp_path / "train_images").symlink_to(tmp_path / "images")
+    real = storage.filesystem_for
+    flaky = FlakyListingFS(fails=2)
+    monkeypatch.setattr(storage, "filesystem_for", lambda url, **kw: (flaky, real(url, **kw)[1]))
+    study = read_study(str(tmp_path), "1", descriptions=pd.DataFrame(columns=["study_id", "series_id", "series_description"]))
+    # two resets then an answer for the study's isdir and ls; the series folder's own listing follows
+    assert flaky.calls == {"isdir": 3, "ls": 4} and len(study.series) == 1
+    flaky = FlakyListingFS(fails=None)
+    with pytest.raises(StorageUnavailableError, match="checking .*train_images/1"):
+        read_study(str(tmp_path), "1", descriptions=pd.DataFrame(columns=["study_id", "series_id", "series_description"]))
+
+
 # --------------------------------------------------------------------------------------------
 # Recorded as retryable, not counted as scored
 

@@ -214,7 +214,9 @@ def read_study(
     study_url = storage.join(root, f"{split}_images", study_id)
     fs, study_path = storage.filesystem_for(study_url)
     study = _StudyFolder(fs, study_path.rstrip("/"), study_url, study_id, limits)
-    if not fs.isdir(study.path):
+    # The study's own listing calls are retried like its file reads: a reset here would otherwise
+    # fail the study outright instead of after the bounded retries.
+    if not storage.retry_transient(fs.isdir, study.path, what=f"checking {study_url}"):
         raise StudyNotFoundError(study_url, "study folder does not exist")
     if descriptions is None:
         descriptions = load_descriptions(root, split)
@@ -245,7 +247,8 @@ def read_study(
 
 def _list_series_folders(study: _StudyFolder, csv: dict[str, str]) -> tuple[list[str], list[SkippedFile]]:
     """(series folder names in id order, records of stray files and of CSV series without a folder)."""
-    entries = [e for e in study.fs.ls(study.path, detail=True) if e["name"].rstrip("/") != study.path]
+    listing = storage.retry_transient(study.fs.ls, study.path, detail=True, what=f"listing {study.url}")
+    entries = [e for e in listing if e["name"].rstrip("/") != study.path]
     series_ids = sorted(
         (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"), key=id_sort_key
     )
