@@ -10,8 +10,9 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH_NODES_ARGS ?=
 BENCH_ACQ_ARGS ?=
+BENCH_TRAIN_ARGS ?=
 
-.PHONY: setup demo test test-fast lint-imports bench bench-nodes bench-acquisitions clean
+.PHONY: setup demo test test-fast lint-imports bench bench-nodes bench-acquisitions bench-train clean
 
 setup: $(STAMP)
 
@@ -47,6 +48,10 @@ bench-nodes: setup
 # Issue #15 item 4: realistic holdout vs its simple twin (same models), axial slices before/after.
 bench-acquisitions: setup
 	$(BIN)/python -m lumbar_ray.bench.acquisitions $(BENCH_ACQ_ARGS)
+
+# Issue #16 item 2: one epoch of every model on N and 10 x N studies; peak memory, examples/s.
+bench-train: setup
+	$(BIN)/python -m lumbar_ray.bench.training $(BENCH_TRAIN_ARGS)
 
 clean:
 	rm -rf work .pytest_cache

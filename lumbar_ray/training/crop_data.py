@@ -153,6 +153,27 @@ def augment_crops(
     return out, labels[index]
 
 
+class ArrayCropRows:
+    """Crops held in memory as a :class:`CropDataset` row source: (N, C, H, W) crops and,
+    optionally, their (N, 2, C, H, W) neighbour crops (slices k-1, k+1)."""
+
+    def __init__(self, crops: np.ndarray, neighbour_crops: np.ndarray | None = None):
+        self.crops = np.asarray(crops, dtype=np.float32)
+        self.neighbour_crops = None if neighbour_crops is None else np.asarray(neighbour_crops, dtype=np.float32)
+        if self.neighbour_crops is not None and self.neighbour_crops.shape != (len(self.crops), 2, *self.crops.shape[1:]):
+            raise ValueError(f"neighbour_crops must be {(len(self.crops), 2, *self.crops.shape[1:])}, "
+                             f"got {self.neighbour_crops.shape}")
+        self.shape = self.crops.shape
+        self.has_neighbours = self.neighbour_crops is not None
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def crop(self, i: int, offset: int = 0) -> np.ndarray:
+        """Row i's crop (offset 0), or its neighbour on slice k-1 / k+1 (offset -1 / +1)."""
+        return self.crops[i] if offset == 0 else self.neighbour_crops[i, (offset + 1) // 2]
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Crops + labels for training, with minority oversampling and on-the-fly augmentation.
 
@@ -168,6 +189,10 @@ class CropDataset(torch.utils.data.Dataset):
     originals too, or the jittered crops would all be Moderate/Severe oversampled rows and the
     grader would learn "off the labelled slice" as a sign of severity. ``crop_mm``: the crops'
     side in mm, which turns ``augment.max_shift_mm`` into pixels (:func:`shift_in_pixels`).
+
+    ``crops`` may also be a row source read lazily (``crop(i, offset)``, ``shape``,
+    ``has_neighbours``, ``blocks``: :class:`lumbar_ray.training.shards.ShardedCrops`), its
+    neighbours included; :meth:`item_blocks` then tells a sampler which items share a shard.
     """
 
     def __init__(
@@ -184,16 +209,13 @@ class CropDataset(torch.utils.data.Dataset):
         neighbour_crops: np.ndarray | None = None,
         crop_mm: float | None = None,
     ):
-        self.crops = np.asarray(crops, dtype=np.float32)
+        # an in-memory array, or a lazily read row source (training.shards.ShardedCrops)
+        self.rows = crops if hasattr(crops, "crop") else ArrayCropRows(crops, neighbour_crops)
         self.labels = np.asarray(labels, dtype=np.int64).ravel()
-        if len(self.crops) != len(self.labels):
-            raise ValueError(f"{len(self.crops)} crops but {len(self.labels)} labels")
-        self.neighbour_crops = None if neighbour_crops is None else np.asarray(neighbour_crops, dtype=np.float32)
-        if self.neighbour_crops is not None and self.neighbour_crops.shape != (len(self.crops), 2, *self.crops.shape[1:]):
-            raise ValueError(f"neighbour_crops must be {(len(self.crops), 2, *self.crops.shape[1:])}, "
-                             f"got {self.neighbour_crops.shape}")
+        if len(self.rows) != len(self.labels):
+            raise ValueError(f"{len(self.rows)} crops but {len(self.labels)} labels")
         self.flip_axis = mirror_axis(series_type, channels)
-        self.augment = None if augment is None else shift_in_pixels(augment, crop_mm, self.crops.shape[-1])
+        self.augment = None if augment is None else shift_in_pixels(augment, crop_mm, self.rows.shape[-1])
         self.oversample = oversample
         self.max_factor = max_factor
         self.augment_all = augment_all
@@ -211,9 +233,15 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def item_blocks(self) -> np.ndarray:
+        """This epoch's block (shard chunk) of each item, for
+        :class:`lumbar_ray.training.shard_data.ShardBlockSampler`; one block in memory."""
+        blocks = getattr(self.rows, "blocks", None)
+        return np.zeros(len(self.index), dtype=np.int64) if blocks is None else np.asarray(blocks)[self.index]
+
     def slice_offset(self, item: int) -> int:
         """Which slice item ``item`` shows this epoch: 0 (the labelled one), -1 or +1."""
-        if self.augment is None or self.neighbour_crops is None or not self.augment.slice_jitter_p > 0:
+        if self.augment is None or not self.rows.has_neighbours or not self.augment.slice_jitter_p > 0:
             return 0
         rng = np.random.default_rng([self.seed, self.epoch, 2, item])
         if rng.random() >= self.augment.slice_jitter_p:
@@ -223,7 +251,7 @@ class CropDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = int(self.index[item])
         offset = self.slice_offset(item)
-        crop = self.crops[i] if offset == 0 else self.neighbour_crops[i, (offset + 1) // 2]
+        crop = self.rows.crop(i, offset)
         if self.augment is not None and (self.augment_all or item >= len(self.labels)):
             rng = np.random.default_rng([self.seed, self.epoch, 1, item])
             crop = augment_crop(crop, rng, self.augment, self.flip_axis)

@@ -205,7 +205,8 @@ class DetectorDataset(torch.utils.data.Dataset):
             if study_ids is None:
                 study_ids = sorted(coords["study_id"].astype(np.int64).unique())
             samples = load_detector_samples(root, split, study_ids, coords, series_type, negatives=negatives)
-        self.samples = list(samples)
+        # a list, or a sequence read lazily (training.shards.ShardedSamples), kept as it is
+        self.samples = samples if hasattr(samples, "__getitem__") and hasattr(samples, "__len__") else list(samples)
 
     @classmethod
     def from_samples(cls, samples: Sequence[DetectorSample], series_type: str, **kw) -> DetectorDataset:
@@ -219,6 +220,12 @@ class DetectorDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def item_blocks(self) -> np.ndarray:
+        """Each item's block (shard chunk) for :class:`lumbar_ray.training.shard_data.ShardBlockSampler`;
+        one block when the samples are in memory."""
+        blocks = getattr(self.samples, "blocks", None)
+        return np.zeros(len(self.samples), dtype=np.int64) if blocks is None else np.asarray(blocks)
 
     def box_size_px(self, sample: DetectorSample, scale: float = 1.0) -> tuple[float, float]:
         """(width, height) of a box in pixels of an image drawn at ``scale`` x the original."""

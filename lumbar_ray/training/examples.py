@@ -1,24 +1,31 @@
 """Training examples cut from labelled studies: scorer crops at the labelled points (and at the
 slices either side, the slice noise the grader trains with), and the labelled slices with their
-points for the detectors; one study at a time (pure), or every study
-in parallel Ray tasks, pooled for the trials."""
+points for the detectors; one study at a time (pure), or every study in parallel Ray tasks that
+write them as shard files on the run's storage (training/shards.py): per chunk of one fold's
+studies and, for the detector slices, per series type."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from lumbar_ray import storage
 from lumbar_ray.config import ScorerConfig, TrainConfig
-from lumbar_ray.training.detector_data import DetectorSample, samples_from_series
 from lumbar_ray.dicom.errors import DicomReadError
 from lumbar_ray.dicom.read import load_descriptions, read_study
 from lumbar_ray.models.crops import CROP_SIZE, extract_crops, extract_neighbour_crops
 from lumbar_ray.storage import ray_remote_args_with_storage_env
 from lumbar_ray.targets import SERIES_TYPES, TARGETS
+from lumbar_ray.training.detector_data import DetectorSample, samples_from_series
+from lumbar_ray.training.shards import (
+    STUDIES_PER_CHUNK, ChunkEntry, Manifest, chunk_studies, crops_file, npz_bytes, pack_samples, points_file,
+    remove_examples, slices_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +46,8 @@ class StudyExamples:
     # crops[i] where the slab ends), for the grader's slice jitter (training.crop_data).
     # Memory: 2 x C x 32 x 32 float32 = 24 KiB more per labelled point (C = 3) beside its crop's
     # 12 KiB, so the examples triple: ~120 MB more for the ~5,000 points of 200 studies, ~1.2 GB
-    # for the RSNA training set's ~49,000. They sit once in the object store; each scorer worker
-    # copies its training folds' rows (as it does the crops).
+    # for the RSNA training set's ~49,000. They go to the shards with the crops; a scorer worker
+    # holds a few chunks of them at a time (training/shards.py).
     neighbour_crops: np.ndarray | None = None
 
 
@@ -108,50 +115,80 @@ def study_examples(root: str, study_id: int, points: pd.DataFrame, scorer: Score
 
 
 # ---------------------------------------------------------------------------------------------
-# Every study's examples, cut once by Ray tasks and shared by every trial through the object store
+# Every study's examples, cut by Ray tasks into shard files on the run's storage
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class TrainingExamples:
-    """Every study's training examples, pooled."""
+class ExamplesSummary:
+    """What the driver keeps of a run's examples: where the shards are, counts and problems."""
 
-    crops: np.ndarray  # (N, C, 32, 32)
-    points: pd.DataFrame  # POINT_COLUMNS, row i <-> crops[i]
-    slices: dict  # series type -> list[DetectorSample]
+    root: str  # the examples folder (training.shards.examples_dir), its manifest.json inside
+    n_crops: int
+    n_slices: dict[str, int]  # series type -> detector slices
+    channels: int
     problems: list[str]
-    # (N, 2, C, 32, 32): crops[i] on the slices either side (StudyExamples.neighbour_crops)
-    neighbour_crops: np.ndarray | None = None
+    chunks: list[ChunkEntry]  # the manifest's entries: per chunk its fold, studies and counts
 
 
-def _examples_for_studies(root: str, split: str, study_ids: list[int], points: pd.DataFrame, scorer_cfg: dict,
-                          with_slices: bool, negatives: int = 0, negative_gap: int | None = None) -> list[StudyExamples]:
+def write_chunk(root: str, chunk: int, fold: int | None, examples: list[StudyExamples],
+                series_types: tuple[str, ...] = SERIES_TYPES) -> ChunkEntry:
+    """Write one chunk's shards (scorer crops and points; detector slices per series type with
+    any) and return its manifest entry, with the problems met."""
+    with_crops = [ex for ex in examples if len(ex.crops)]
+    frames = [ex.points for ex in examples if len(ex.points)]
+    crops = np.concatenate([ex.crops for ex in with_crops]) if with_crops else empty_crops()
+    neighbours = (np.concatenate([ex.neighbour_crops for ex in with_crops]) if with_crops
+                  else empty_crops(neighbours=True))
+    points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
+    storage.write_bytes(crops_file(root, chunk), npz_bytes(crops=crops.astype(np.float32),
+                                                          neighbours=neighbours.astype(np.float32)))
+    buffer = io.BytesIO()
+    points.to_parquet(buffer, index=False)
+    storage.write_bytes(points_file(root, chunk), buffer.getvalue())
+    n_slices = {}
+    for series_type in series_types:
+        samples = [s for ex in examples for s in ex.slices.get(series_type, [])]
+        if samples:
+            # uint8 slices deflate well; a trial decodes each chunk once per epoch
+            storage.write_bytes(slices_file(root, series_type, chunk), npz_bytes(True, **pack_samples(samples)))
+        n_slices[series_type] = len(samples)
+    return ChunkEntry(chunk, fold, [int(ex.study_id) for ex in examples], len(crops), n_slices,
+                      [p for ex in examples for p in ex.problems], int(crops.shape[1]))
+
+
+def cut_chunk(root: str, split: str, out: str, chunk: int, fold: int | None, study_ids: list[int],
+              points: pd.DataFrame, scorer_cfg: dict, with_slices: bool, negatives: int = 0,
+              negative_gap: int | None = None) -> ChunkEntry:
+    """One task's work: cut the examples of a few studies and write them as chunk ``chunk``'s
+    shards under ``out``; only the small manifest entry goes back."""
     descriptions = load_descriptions(root, split)
     cfg = ScorerConfig(**scorer_cfg)
-    return [study_examples(root, sid, points[points["study_id"] == sid], cfg, split=split,
-                           descriptions=descriptions, with_slices=with_slices, negatives=negatives,
-                           negative_gap=negative_gap) for sid in study_ids]
+    examples = [study_examples(root, sid, points[points["study_id"] == sid], cfg, split=split,
+                               descriptions=descriptions, with_slices=with_slices, negatives=negatives,
+                               negative_gap=negative_gap) for sid in study_ids]
+    return write_chunk(out, chunk, fold, examples)
 
 
-def prepare_examples(cfg: TrainConfig, points: pd.DataFrame, with_slices: bool) -> TrainingExamples:
-    """Cut crops and labelled slices from every study, in parallel Ray tasks."""
-    import ray  # heavy: ray; study_examples runs without it
+def cut_examples(cfg: TrainConfig, points: pd.DataFrame, folds: pd.DataFrame, out: str, with_slices: bool,
+                 per_chunk: int = STUDIES_PER_CHUNK) -> ExamplesSummary:
+    """Cut crops and labelled slices from every study in parallel Ray tasks, a chunk of one
+    fold's studies each, into shards under ``out`` (any earlier shards there are removed first:
+    a rerun of the same version never mixes two cuts). Writes the manifest; returns counts and
+    problems only."""
+    import ray  # heavy: ray; study_examples and write_chunk run without it
 
-    study_ids = sorted(points["study_id"].unique().tolist())
-    n_chunks = max(1, min(len(study_ids), int(ray.cluster_resources().get("CPU", 1)) * 4))
-    chunks = [c.tolist() for c in np.array_split(np.array(study_ids), n_chunks) if len(c)]
-    task = ray.remote(**ray_remote_args_with_storage_env(num_cpus=1))(_examples_for_studies)
-    refs = [task.remote(cfg.data, cfg.split, chunk, points[points["study_id"].isin(chunk)],
-                        dataclasses.asdict(cfg.scorer), with_slices, cfg.detector.negatives,
-                        cfg.detector.negative_gap) for chunk in chunks]
-    per_study = [ex for part in ray.get(refs) for ex in part]
-    with_crops = [ex for ex in per_study if len(ex.crops)]
-    frames = [ex.points for ex in per_study if len(ex.points)]
-    return TrainingExamples(
-        crops=np.concatenate([ex.crops for ex in with_crops]) if with_crops else empty_crops(),
-        points=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
-        slices={st: [s for ex in per_study for s in ex.slices.get(st, [])] for st in SERIES_TYPES},
-        problems=[p for ex in per_study for p in ex.problems],
-        neighbour_crops=(np.concatenate([ex.neighbour_crops for ex in with_crops]) if with_crops
-                         else empty_crops(neighbours=True)),
-    )
+    remove_examples(out)
+    fold_of = {int(s): int(f) for s, f in zip(folds["study_id"], folds["fold"])}
+    study_folds = {int(s): fold_of.get(int(s)) for s in points["study_id"].unique()}
+    task = ray.remote(**ray_remote_args_with_storage_env(num_cpus=1))(cut_chunk)
+    refs = [task.remote(cfg.data, cfg.split, out, i, fold, chunk, points[points["study_id"].isin(chunk)],
+                        dataclasses.asdict(cfg.scorer), with_slices, cfg.detector.negatives, cfg.detector.negative_gap)
+            for i, (fold, chunk) in enumerate(chunk_studies(study_folds, per_chunk))]
+    entries = ray.get(refs)
+    channels = next((e.channels for e in entries if e.n_crops), 3)
+    Manifest(out, entries, channels).write()
+    return ExamplesSummary(out, sum(e.n_crops for e in entries),
+                           {st: sum(e.n_slices.get(st, 0) for e in entries) for st in SERIES_TYPES},
+                           channels, [p for e in entries for p in e.problems],
+                           [dataclasses.replace(e, problems=[]) for e in entries])
