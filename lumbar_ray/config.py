@@ -27,6 +27,14 @@ def series_type_of_job(job: str) -> str:
     raise KeyError(f"{job!r} is not a detector job")
 
 
+def check_selection(val_every: int, patience: int | None) -> None:
+    """Refuse a validation interval below one epoch or a negative patience."""
+    if int(val_every) < 1:
+        raise ValueError(f"val_every must be at least 1 (epochs between validation rounds), not {val_every}")
+    if patience is not None and int(patience) < 0:
+        raise ValueError(f"patience must be 0 (off) or more validation rounds, not {patience}")
+
+
 @dataclass
 class ScorerConfig:
     epochs: int = 20
@@ -41,6 +49,15 @@ class ScorerConfig:
     # (docs/RESULTS.md).
     crop_mm: float | None = 32.0
     max_oversample: float = 4.0
+    # Validation on the fold's held-out crops (RSNA score) every `val_every` epochs and after the
+    # last; the best round's weights and out-of-fold predictions ship (training/best_epoch.py).
+    val_every: int = 1
+    # Validation rounds without improvement after which a fold stops; 0 or None: never. The
+    # all-studies fit has no validation fold and trains the whole schedule.
+    patience: int | None = 5
+
+    def __post_init__(self) -> None:
+        check_selection(self.val_every, self.patience)
 
 
 @dataclass
@@ -62,6 +79,25 @@ class DetectorConfig:
     # None: detector_data.DEFAULT_NEGATIVE_GAP of the series type).
     negatives: int = 2
     negative_gap: int | None = None
+    # Validation (3-D hit rate within 5 mm on the fold's held-out studies) every `val_every`
+    # epochs and after the last: each round runs the detector over whole series, so every
+    # second epoch by default; the best round's weights and records ship.
+    val_every: int = 2
+    patience: int | None = 5  # validation rounds without improvement before stopping; 0/None: never
+    # Times a fold whose detector finds nothing (detector_eval.collapsed) is trained again with
+    # another seed; the retry and its reason are recorded in history.json and the model card.
+    collapse_retries: int = 1
+    # The all-studies fit has no validation fold: its last epoch is checked for a collapse on
+    # this many of its own training studies (a detector that finds nothing even there).
+    final_check_studies: int = 4
+    # Memory (MiB) the validation studies read once per trial may hold between rounds; studies
+    # beyond it are read again each round (training/detector_validation.py).
+    val_cache_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        check_selection(self.val_every, self.patience)
+        if self.collapse_retries < 0 or self.final_check_studies < 0 or self.val_cache_mb < 0:
+            raise ValueError("collapse_retries, final_check_studies and val_cache_mb cannot be negative")
 
 
 @dataclass

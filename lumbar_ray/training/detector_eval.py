@@ -15,7 +15,37 @@ from lumbar_ray.models.target_selection import slice_normal
 from lumbar_ray.targets import AXIAL_T2, TARGET_BY_NAME_LEVEL
 from lumbar_ray.training.detector_data import coords_on_series
 
-__all__ = ["HitRates", "detector_hit_rates"]
+__all__ = ["SELECTION_METRIC", "HitRates", "collapse_reason", "collapsed", "detector_hit_rates", "selection_value"]
+
+# The rate a detector's best epoch is chosen by (HitRates.as_dict key): the share of labelled
+# targets whose chosen detection lies within 5 mm of the labelled point in patient space,
+# whichever slice it is on (slice choice and in-plane position in one figure).
+SELECTION_METRIC = "hit_5mm_3d"
+
+
+def collapsed(rates: Mapping[str, float]) -> bool:
+    """The one definition of a collapsed detector: on studies with labelled targets
+    (``n_labelled`` > 0), not one of its chosen detections lies within 5 mm (3-D) of its
+    target — it finds nothing usable (a detected share of 0 is the extreme case). ``rates``:
+    :meth:`HitRates.as_dict`'s keys. Without labelled targets nothing can be told: not collapsed."""
+    n = rates.get("n_labelled", 0) or 0
+    hit = rates.get(SELECTION_METRIC, float("nan"))
+    return n > 0 and not (hit is not None and math.isfinite(hit) and hit > 0)
+
+
+def collapse_reason(rates: Mapping[str, float], where: str) -> str:
+    """Why :func:`collapsed` holds, in words, for the history and the model card."""
+    detected = rates.get("detected", float("nan"))
+    return (f"on {where}: none of {int(rates.get('n_labelled', 0))} labelled targets found within 5 mm (3-D); "
+            f"{detected:.0%} had a detection at all")
+
+
+def selection_value(rates: Mapping[str, float]) -> float:
+    """The value a validation round is ranked by (higher is better), NaN when the round is no
+    candidate: nothing labelled to measure, or a collapsed detector (never a best epoch)."""
+    if collapsed(rates) or not (rates.get("n_labelled", 0) or 0) > 0:
+        return float("nan")
+    return float(rates[SELECTION_METRIC])
 
 
 @dataclass

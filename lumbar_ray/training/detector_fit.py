@@ -327,12 +327,13 @@ class DetectorFit:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def recalibrate_batchnorm(self) -> int:
-        """:func:`recalibrate_batchnorm` of :attr:`eval_model` on the un-augmented training images:
-        after the last epoch, or the saved model can detect nothing in eval mode."""
+    def recalibrate_batchnorm(self, model: nn.Module | None = None) -> int:
+        """:func:`recalibrate_batchnorm` of :attr:`eval_model` (or ``model``, e.g. a copy of it
+        graded before the last epoch) on the un-augmented training images: after the last epoch,
+        or the saved model can detect nothing in eval mode."""
         plain = torch.utils.data.DataLoader(self.train_data.with_augment(False), batch_size=self.batch_size,
                                             shuffle=False, collate_fn=collate_detector)
-        return recalibrate_batchnorm(self.eval_model, plain, self.device)
+        return recalibrate_batchnorm(self.eval_model if model is None else model, plain, self.device)
 
     def validate(self, val_loader: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """:func:`evaluate` of :attr:`eval_model` on ``val_loader``, keys prefixed ``val_``."""

@@ -33,6 +33,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="scorer crop channels: one slice repeated, or slices k-1,k,k+1 (2.5D)")
     p.add_argument("--crop-mm", type=float, default=ScorerConfig.crop_mm,
                    help="scorer crop side in mm, resampled to 32 px (0: 32 pixels, as in the paper)")
+    p.add_argument("--val-every", type=positive_int, default=None,
+                   help="epochs between validation rounds of every model (overrides the two below)")
+    p.add_argument("--detector-val-every", type=positive_int, default=DetectorConfig.val_every)
+    p.add_argument("--scorer-val-every", type=positive_int, default=ScorerConfig.val_every)
+    p.add_argument("--patience", type=non_negative_int, default=None,
+                   help="early stopping: validation rounds without improvement before a CV fold stops "
+                        "(0: off) for every model (overrides the two below); each fold ships its best round")
+    p.add_argument("--detector-patience", type=non_negative_int, default=DetectorConfig.patience)
+    p.add_argument("--scorer-patience", type=non_negative_int, default=ScorerConfig.patience)
+    p.add_argument("--collapse-retries", type=non_negative_int, default=DetectorConfig.collapse_retries,
+                   help="times a fold whose detector finds nothing is trained again with another seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-final-fit", action="store_true", help="ship each model's best-validated fold instead of a fit on all studies")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per training worker")
@@ -51,9 +62,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative ({value})")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     det_epochs = args.epochs if args.epochs is not None else args.detector_epochs
     sc_epochs = args.epochs if args.epochs is not None else args.scorer_epochs
+    det_val_every = args.val_every if args.val_every is not None else args.detector_val_every
+    sc_val_every = args.val_every if args.val_every is not None else args.scorer_val_every
+    det_patience = args.patience if args.patience is not None else args.detector_patience
+    sc_patience = args.patience if args.patience is not None else args.scorer_patience
     series = DetectorConfig.series_types
     if args.series:
         from lumbar_ray.targets import SERIES_TYPES, series_slug
@@ -70,9 +99,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         final_fit=not args.no_final_fit, storage_path=args.storage, run_name=args.version,
         max_failures=args.max_failures, init_from=args.init_from,
         scorer=ScorerConfig(epochs=sc_epochs, batch_size=args.scorer_batch_size, channels=args.channels,
-                            crop_mm=args.crop_mm or None),
+                            crop_mm=args.crop_mm or None, val_every=sc_val_every, patience=sc_patience),
         detector=DetectorConfig(epochs=det_epochs, batch_size=args.detector_batch_size, imgsz=args.imgsz,
-                                series_types=series, negatives=args.detector_negatives),
+                                series_types=series, negatives=args.detector_negatives,
+                                val_every=det_val_every, patience=det_patience,
+                                collapse_retries=args.collapse_retries),
         resources=ResourceConfig(use_gpu=args.use_gpu, workers_per_trial=args.workers_per_trial,
                                  cpus_per_worker=args.cpus_per_worker,
                                  max_concurrent_trials=args.max_concurrent_trials),
