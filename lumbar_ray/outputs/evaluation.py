@@ -85,6 +85,8 @@ def evaluate_scores(
         "rsna_log_loss: lower is better; group 'all' is the competition score",
         f"expected calibration error (top label, 10 bins) of {name}: {ece:.4f} "
         "(the model card's 'calibration' holds its out-of-fold value before and after calibration)",
+        "the version's own out-of-fold estimate of these figures, end to end as scored here: "
+        "lumbar-ray evaluate --models REGISTRY@VERSION (its first line; the labelled-point figure there is a diagnostic)",
     ]
     text = "\n".join(header) + "\n\n" + metrics.format_metric_table(table)
     return table, text

@@ -28,7 +28,7 @@ from lumbar_ray.models.compat import (
 from lumbar_ray.metrics.calibration import apply_temperature
 from lumbar_ray.metrics.rsna import WEIGHTED_UNIFORM_PRIOR, weighted_prior_from_card
 from lumbar_ray.models.registry import ModelRegistry, parse_model_spec
-from lumbar_ray.storage import is_transient
+from lumbar_ray.storage import filesystem_for, is_transient
 from lumbar_ray.targets import (
     AXIAL_T2,
     LEVELS,
@@ -129,6 +129,63 @@ class ModelBundle:
                    temperatures={str(c): float(t) for c, t in
                                  ((manifest.get("calibration") or {}).get("temperatures") or {}).items()})
 
+    @classmethod
+    def from_files(cls, name: str, scorer_file: str, detector_files: Mapping[str, str] | None = None, *,
+                   priors: Mapping[str, Sequence[float]] | None = None,
+                   temperatures: Mapping[str, float] | None = None, detector_conf: float = 0.01,
+                   device: str | None = None, parts: Sequence[str] = MODEL_PARTS) -> "ModelBundle":
+        """A bundle of weight files outside a registry (local paths or URLs), e.g. one
+        cross-validation fold's artefacts; ``name`` stands for the version in its rows.
+        ``detector_files``: {series type: detector file}; ``priors``: per target the class prior
+        in a model card's layout (the fallback of an undetected target is its weighted prior, as
+        for a version); ``temperatures``: {condition: T} applied to DeepScoreNet (none: raw).
+        With no card, each file is checked against the targets table only; no sha256 either (no
+        manifest holds one). The files pass through a temp folder removed before this returns."""
+        import torch  # heavy: see from_registry
+
+        unknown = set(parts) - set(MODEL_PARTS)
+        if unknown or not parts:
+            raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, not {tuple(parts)!r}")
+        unknown_types = set(detector_files or {}) - set(SERIES_TYPES)
+        if unknown_types:
+            raise ValueError(f"detector_files: unknown series types {sorted(unknown_types)}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with tempfile.TemporaryDirectory(prefix=MODEL_CACHE_PREFIX) as scratch:
+            local = Path(scratch)
+            payload = read_weights(copy_to_local(scorer_file, local / "scorer.pt"), scorer_file)
+            check_scorer_payload(payload, scorer_file)
+            detectors = {}
+            if "detectors" in parts:
+                ultralytics_env.configure()
+                for series_type, file in sorted((detector_files or {}).items()):
+                    path = copy_to_local(file, local / f"{detector_job(series_type)}.pt")
+                    detectors[series_type] = load_detector(read_weights(path, file), file, series_type, device)
+        fallback = weighted_prior_from_card(priors)
+        return cls(version=name, detectors=detectors,
+                   scorer=load_scorer(payload, device) if "scorer" in parts else None,
+                   channels=payload["channels"], crop_mm=payload.get("crop_mm"),
+                   priors={c: fallback.loc[c].tolist() for c in fallback.index}, device=device,
+                   detector_conf=float(detector_conf), parts=tuple(part for part in MODEL_PARTS if part in parts),
+                   temperatures={str(c): float(t) for c, t in (temperatures or {}).items()})
+
+
+def copy_to_local(file: str, local: Path) -> Path:
+    """``file`` (a local path or any fsspec URL) copied to ``local``."""
+    fs, path = filesystem_for(file)
+    fs.get_file(path, str(local))
+    return local
+
+
+def load_detector(ckpt: dict[str, Any], file: str, series_type: str, device: Any,
+                  declared: dict[str, Any] | None = None) -> Any:
+    """A detector ready for inference from its checkpoint ``ckpt`` (read from ``file``), after
+    checking it against the targets table and the card's ``declared`` entry, if any
+    (IncompatibleModelError)."""
+    from lumbar_ray.models.detector import detector_from_checkpoint, prepare_detector_for_inference  # heavy: torch
+
+    check_detector_checkpoint(ckpt, file, series_type, declared)
+    return prepare_detector_for_inference(detector_from_checkpoint(ckpt, device, file))
+
 
 def load_detectors(registry: ModelRegistry, version: str, models: dict[str, str], local: Path,
                    device: Any, declared: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -136,8 +193,6 @@ def load_detectors(registry: ModelRegistry, version: str, models: dict[str, str]
     its manifest's {job: file}); their files are fetched into ``local``, their sha256 checked,
     and each checkpoint checked against the targets table and the card's ``declared``
     ``input_spec.detectors`` (IncompatibleModelError) before it is loaded."""
-    from lumbar_ray.models.detector import detector_from_checkpoint, prepare_detector_for_inference  # heavy: torch
-
     ultralytics_env.configure()
     detectors = {}
     for series_type in SERIES_TYPES:
@@ -146,8 +201,7 @@ def load_detectors(registry: ModelRegistry, version: str, models: dict[str, str]
         if name:
             file = registry.url("versions", version, name)
             ckpt = read_weights(registry.fetch(version, name, local), file)
-            check_detector_checkpoint(ckpt, file, series_type, (declared or {}).get(job))
-            detectors[series_type] = prepare_detector_for_inference(detector_from_checkpoint(ckpt, device, file))
+            detectors[series_type] = load_detector(ckpt, file, series_type, device, (declared or {}).get(job))
     return detectors
 
 

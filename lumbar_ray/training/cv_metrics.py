@@ -1,10 +1,12 @@
-"""Out-of-fold metrics of a cross-validated run: DeepScoreNet against the baselines, the
-detectors' hit rates, and which fold of each model validated best."""
+"""Out-of-fold metrics of a cross-validated run: DeepScoreNet end to end (the headline: at the
+detectors' finds, :mod:`.end_to_end`) and at the labelled points (a diagnostic), each against the
+baselines on the same rows; the detectors' hit rates; the calibration that ships; and which fold
+of each model validated best."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,35 +15,154 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import SCORER
-from lumbar_ray.metrics.calibration import cross_fitted_frame, expected_calibration_error, fit_temperatures
+from lumbar_ray.metrics.calibration import (
+    calibrate_frame, expected_calibration_error, fit_temperatures,
+)
 from lumbar_ray.metrics.rsna import (
-    baseline_oof_predictions, format_metric_table, metric_table, plot_confusion_matrices, rsna_score,
+    ALL, baseline_oof_predictions, format_metric_table, metric_table, plot_confusion_matrices, rsna_score,
 )
 from lumbar_ray.storage import filesystem_for
-from lumbar_ray.targets import PROBABILITY_COLUMNS
+from lumbar_ray.targets import PROBABILITY_COLUMNS, TARGET_BY_COLUMN
 from lumbar_ray.training.artifacts import OOF_FILE, fold_dir
+from lumbar_ray.training.end_to_end import EndToEndOof
 
 PROBS = list(PROBABILITY_COLUMNS)
+# The model rows of the scorer's tables. END_TO_END is the headline: what scoring gives a study
+# (detectors -> crops at their detections -> DeepScoreNet, the weighted prior where nothing was
+# found). AT_LABELLED_POINTS grades crops cut at the labelled points, which scoring never has: a
+# diagnostic of the grader alone, and it overstates what a user gets.
+END_TO_END = "deepscorenet_end_to_end"
+AT_LABELLED_POINTS = "deepscorenet_at_labelled_points"
+CALIBRATED = "_calibrated"
+BASELINE_KINDS = ("majority", "prior", "weighted_prior")
+# evaluated_on: which rows a table row is scored on
+ON_END_TO_END = "end_to_end"  # every labelled target of the validation studies
+ON_LABELLED_POINTS = "labelled_points"  # the labelled points the scorer's crops were cut at
 
 
-def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Overall and per-fold tables: DeepScoreNet, uncalibrated and calibrated (temperatures
-    cross-fitted: each fold's from the other folds), against the majority, prior and
-    weighted-prior baselines (fitted on the training folds only), all scored on exactly the same
-    (study, target) rows (the labelled points the scorer saw)."""
-    keys = oof[["study_id", "column"]]
-    frames = {"deepscorenet": oof, "deepscorenet_calibrated": cross_fitted_frame(oof)}
-    for kind in ("majority", "prior", "weighted_prior"):
+# Labelled rows a condition needs before a temperature is fitted on them. Why: on a handful of rows
+# the fit runs to a bound of TEMPERATURE_BOUNDS (a tiny CV's 7 rows gave T = 20 and 0.05), and such a
+# temperature, shipped, makes every score of that condition worse; with too few rows none ships (T = 1).
+MIN_CALIBRATION_ROWS = 30
+
+
+def _fit_enough(frame: pd.DataFrame) -> dict[str, float]:
+    """:func:`fit_temperatures` of the conditions with at least MIN_CALIBRATION_ROWS labelled rows."""
+    labelled = frame[frame["label"] >= 0]
+    conditions = labelled["column"].map(lambda c: TARGET_BY_COLUMN[c].condition.slug)
+    counts = conditions.value_counts()
+    enough = set(counts[counts >= MIN_CALIBRATION_ROWS].index)
+    return fit_temperatures(labelled[conditions.isin(enough)]) if enough else {}
+
+
+def shipped_temperatures(labelled_points: pd.DataFrame, end_to_end: pd.DataFrame | None = None
+                         ) -> tuple[dict[str, float], dict[str, str]]:
+    """({condition: temperature}, {condition: which predictions it was fitted on}). Fitted on the
+    end-to-end predictions at the detections (``detected`` rows: the rows scoring applies the
+    temperatures to; the fallback rows are never scaled), since a crop at a detection is off the
+    labelled point and the grader is calibrated differently there; a condition with too few such
+    rows falls back to the fit at the labelled points, and one with too few of those too gets none
+    (:data:`MIN_CALIBRATION_ROWS`)."""
+    temperatures = _fit_enough(labelled_points) if len(labelled_points) else {}
+    fitted_on = {c: ON_LABELLED_POINTS for c in temperatures}
+    if end_to_end is not None and len(end_to_end):
+        found = _fit_enough(end_to_end[end_to_end["detected"].astype(bool)])
+        temperatures.update(found)
+        fitted_on.update({c: ON_END_TO_END for c in found})
+    return dict(sorted(temperatures.items())), dict(sorted(fitted_on.items()))
+
+
+def cross_fitted_end_to_end(end_to_end: pd.DataFrame, labelled_points: pd.DataFrame) -> pd.DataFrame:
+    """The end-to-end frame calibrated as scoring would be, honestly: each fold's detected rows
+    scaled by :func:`shipped_temperatures` fitted on the *other* folds' rows only (the fallback
+    rows are left as they are, as scoring leaves them). A single fold is returned uncalibrated."""
+    out = end_to_end.copy()
+    out[PROBS] = out[PROBS].astype(np.float64)
+    folds = sorted(out["fold"].unique())
+    if len(folds) < 2:
+        return out
+    detected = out["detected"].astype(bool)
+    for fold in folds:
+        temps, _ = shipped_temperatures(labelled_points[labelled_points["fold"] != fold] if len(labelled_points)
+                                        else labelled_points, out[(out["fold"] != fold)])
+        rows = detected & (out["fold"] == fold)
+        if rows.any():
+            out.loc[rows, PROBS] = calibrate_frame(end_to_end[rows], temps)[PROBS].to_numpy()
+    return out
+
+
+def cross_fitted_at_points(labelled_points: pd.DataFrame) -> pd.DataFrame:
+    """The labelled-point frame calibrated honestly: each fold's rows scaled by
+    :func:`shipped_temperatures` of the other folds' rows only (what a run without detectors
+    ships). A single fold is returned uncalibrated."""
+    out = labelled_points.copy()
+    out[PROBS] = out[PROBS].astype(np.float64)
+    folds = sorted(out["fold"].unique())
+    if len(folds) < 2:
+        return out
+    for fold in folds:
+        temps, _ = shipped_temperatures(labelled_points[labelled_points["fold"] != fold])
+        rows = out["fold"] == fold
+        out.loc[rows, PROBS] = calibrate_frame(labelled_points[rows], temps)[PROBS].to_numpy()
+    return out
+
+
+def comparison_frames(name: str, frame: pd.DataFrame, calibrated: pd.DataFrame, labels: pd.DataFrame,
+                      folds_frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``name`` uncalibrated and calibrated, and the baselines (fitted on the training folds
+    only) on exactly ``frame``'s (study, target) rows."""
+    keys = frame[["study_id", "column"]]
+    frames = {name: frame, name + CALIBRATED: calibrated}
+    for kind in BASELINE_KINDS:
         base = baseline_oof_predictions(labels[["study_id", "column", "label"]], folds_frame, kind=kind)
         frames[f"baseline_{kind}"] = base.merge(keys, on=["study_id", "column"], how="inner")
-    table = metric_table(frames)
-    per_fold = []
-    for name, frame in frames.items():
-        for fold, part in frame.groupby("fold"):
-            score = rsna_score(part)
-            per_fold.append({"model": name, "fold": int(fold), "rsna_score": score.score, **score.terms(),
-                             "n_rows": score.n_rows})
+    return frames
+
+
+def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.DataFrame,
+                   end_to_end: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Overall and per-fold tables, ``evaluated_on`` saying on which rows: first end to end
+    (when given: every labelled target of the validation studies, scored as scoring does), then
+    at the labelled points (the scorer's own OOF file, a diagnostic). Each: DeepScoreNet
+    uncalibrated and calibrated (temperatures cross-fitted: each fold's from the other folds),
+    against the majority, prior and weighted-prior baselines on the same rows."""
+    sets = []
+    if end_to_end is not None and len(end_to_end):
+        sets.append((ON_END_TO_END, comparison_frames(END_TO_END, end_to_end, cross_fitted_end_to_end(end_to_end, oof),
+                                                      labels, folds_frame)))
+    if len(oof):
+        sets.append((ON_LABELLED_POINTS, comparison_frames(AT_LABELLED_POINTS, oof, cross_fitted_at_points(oof), labels,
+                                                           folds_frame)))
+    tables, per_fold = [], []
+    for rows, frames in sets:
+        tables.append(metric_table(frames).assign(evaluated_on=rows))
+        for name, frame in frames.items():
+            for fold, part in frame.groupby("fold"):
+                score = rsna_score(part)
+                per_fold.append({"model": name, "evaluated_on": rows, "fold": int(fold), "rsna_score": score.score,
+                                 **score.terms(), "n_rows": score.n_rows})
+    if not tables:
+        return pd.DataFrame(), pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["model", "evaluated_on", *[c for c in table.columns if c not in ("model", "evaluated_on")]]]
     return table, pd.DataFrame(per_fold)
+
+
+def headline_line(table: pd.DataFrame) -> str:
+    """One line naming the run's headline figure (end to end, out of fold) before the labelled-point
+    diagnostic, from a :func:`scorer_metrics` table."""
+    if table.empty or "evaluated_on" not in table:
+        return "out-of-fold RSNA score: none (the run trained no DeepScoreNet)"
+    score = table[table["group"] == ALL].set_index("model")["rsna_log_loss"]
+    diagnostic = (f"DeepScoreNet at the labelled points (diagnostic, not what scoring gives): "
+                  f"{score[AT_LABELLED_POINTS]:.4f}" if AT_LABELLED_POINTS in score else "")
+    if END_TO_END not in score:
+        return "; ".join(filter(None, ["out-of-fold RSNA score end to end: not computed (needs the detectors and "
+                                       "DeepScoreNet in one run)", diagnostic]))
+    return "; ".join(filter(None, [
+        f"HEADLINE out-of-fold RSNA score end to end (detectors -> crops at their detections -> DeepScoreNet -> "
+        f"calibration): {score[END_TO_END + CALIBRATED]:.4f} (uncalibrated {score[END_TO_END]:.4f}; lower is "
+        f"better)", diagnostic]))
 
 
 def detector_metrics(records: pd.DataFrame) -> pd.DataFrame:
@@ -83,7 +204,8 @@ def best_folds(det_table: pd.DataFrame, scorer_per_fold: pd.DataFrame, fold_ids:
             rate = {int(f): float(v) for f, v in zip(part["fold"], part["within_5mm"]) if pd.notna(v)}
             chosen[job] = max(fold_ids, key=lambda f: (rate.get(f, -1.0), -f))
     if not scorer_per_fold.empty:
-        part = scorer_per_fold[scorer_per_fold["model"] == "deepscorenet"]
+        # the grader's own fold, graded alone: its end-to-end score mixes in the detectors' folds
+        part = scorer_per_fold[scorer_per_fold["model"] == AT_LABELLED_POINTS]
         score = {int(f): float(v) for f, v in zip(part["fold"], part["rsna_score"]) if pd.notna(v)}
         chosen[SCORER] = min(fold_ids, key=lambda f: (score.get(f, math.inf), f))
     return chosen
@@ -118,15 +240,16 @@ def read_fold_parquets(directories: list[str], name: str) -> pd.DataFrame:
 
 
 def collect_cv_metrics(jobs: list[str], labels: pd.DataFrame, folds_frame: pd.DataFrame, artifacts: str,
-                       out_dir: Path, version: str) -> CvMetrics:
-    """Read every job's out-of-fold predictions from the CV folds' artefacts, score them, and
+                       out_dir: Path, version: str, end_to_end: EndToEndOof | None = None) -> CvMetrics:
+    """Read every job's out-of-fold predictions from the CV folds' artefacts, score them with the
+    end-to-end out-of-fold predictions (``end_to_end``, :func:`.end_to_end.end_to_end_oof`), and
     write predictions, tables and plots to ``out_dir``."""
     fold_ids = sorted(folds_frame["fold"].unique().tolist())
     cv_dirs = lambda job: [fold_dir(artifacts, job, f) for f in fold_ids]  # noqa: E731
     metrics = CvMetrics(report_lines=[f"lumbar-ray training run {version}", ""])
     if SCORER in jobs:
-        _add_scorer_metrics(metrics, read_fold_parquets(cv_dirs(SCORER), OOF_FILE), labels, folds_frame,
-                            out_dir, version)
+        _add_scorer_metrics(metrics, read_fold_parquets(cv_dirs(SCORER), OOF_FILE),
+                            end_to_end or EndToEndOof(skipped="not run"), labels, folds_frame, out_dir, version)
     det_jobs = [j for j in jobs if j != SCORER]
     if det_jobs:
         records = pd.concat([read_fold_parquets(cv_dirs(j), OOF_FILE) for j in det_jobs], ignore_index=True)
@@ -134,46 +257,99 @@ def collect_cv_metrics(jobs: list[str], labels: pd.DataFrame, folds_frame: pd.Da
     return metrics
 
 
-def _add_scorer_metrics(metrics: CvMetrics, oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.DataFrame,
-                        out_dir: Path, version: str) -> None:
-    table, per_fold = scorer_metrics(oof, labels, folds_frame)
-    metrics.scorer_table, metrics.scorer_per_fold = table, per_fold
-    oof.to_parquet(out_dir / "oof_scorer.parquet", index=False)
-    table.to_parquet(out_dir / "metrics_scorer.parquet", index=False)
-    per_fold.to_parquet(out_dir / "metrics_scorer_per_fold.parquet", index=False)
-    plot_confusion_matrices(oof, str(out_dir / "confusion_scorer.png"), title=f"DeepScoreNet out-of-fold ({version})")
-    for name in ("oof_scorer.parquet", "metrics_scorer.parquet", "metrics_scorer_per_fold.parquet", "confusion_scorer.png"):
+def _write(metrics: CvMetrics, out_dir: Path, frames: Mapping[str, pd.DataFrame]) -> None:
+    for name, frame in frames.items():
+        frame.to_parquet(out_dir / name, index=False)
         metrics.files[name] = out_dir / name
-    metrics.report_lines += ["DeepScoreNet, out-of-fold, against baselines on the same rows:",
-                             format_metric_table(table), ""]
+
+
+def _add_scorer_metrics(metrics: CvMetrics, oof: pd.DataFrame, end_to_end: EndToEndOof, labels: pd.DataFrame,
+                        folds_frame: pd.DataFrame, out_dir: Path, version: str) -> None:
+    e2e = end_to_end.frame if end_to_end.available else None
+    table, per_fold = scorer_metrics(oof, labels, folds_frame, e2e)
+    metrics.scorer_table, metrics.scorer_per_fold = table, per_fold
+    _write(metrics, out_dir, {"oof_scorer.parquet": oof, "metrics_scorer.parquet": table,
+                              "metrics_scorer_per_fold.parquet": per_fold})
+    plots = {"confusion_scorer.png": (oof, f"DeepScoreNet at the labelled points, out of fold (diagnostic; {version})")}
+    if e2e is not None:
+        _write(metrics, out_dir, {"oof_end_to_end.parquet": e2e})
+        plots["confusion_end_to_end.png"] = (e2e, f"DeepScoreNet end to end, out of fold, uncalibrated ({version})")
+    for name, (frame, title) in plots.items():
+        plot_confusion_matrices(frame, str(out_dir / name), title=title)
+        metrics.files[name] = out_dir / name
+    metrics.card["headline"] = headline_line(table)
+    metrics.card["end_to_end"] = end_to_end_card(end_to_end, table)
     metrics.card["scorer"] = table.to_dict(orient="records")
     metrics.card["scorer_per_fold"] = per_fold.to_dict(orient="records")
-    metrics.card["calibration"] = calibration_card(oof)
+    metrics.card["calibration"] = calibration_card(oof, e2e)
+    metrics.report_lines += [metrics.card["headline"], ""]
+    if e2e is not None:
+        metrics.report_lines += [
+            "DeepScoreNet END TO END, out of fold (the headline: each fold's detectors on its validation studies -> "
+            "crops at their detections -> that fold's DeepScoreNet; undetected targets get the weighted prior of the "
+            "training folds; every labelled target counts), against the baselines on the same rows:",
+            format_metric_table(table[table["evaluated_on"] == ON_END_TO_END]), ""]
+    else:
+        metrics.report_lines += [f"End-to-end out-of-fold CV skipped: {end_to_end.skipped}", ""]
+    metrics.report_lines += [
+        "DeepScoreNet AT THE LABELLED POINTS, out of fold (a diagnostic of the grader alone: crops cut at the "
+        "labelled points, which scoring never has; it overstates what a user gets), against the baselines on the "
+        "same rows:", format_metric_table(table[table["evaluated_on"] == ON_LABELLED_POINTS]), ""]
     metrics.report_lines += [format_calibration(metrics.card["calibration"]), ""]
 
 
-def calibration_card(oof: pd.DataFrame) -> dict[str, Any]:
-    """The version's calibration: a temperature per condition fitted on every out-of-fold
-    prediction (what scoring applies), and the out-of-fold RSNA score and expected calibration
-    error before and after (after: cross-fitted temperatures, so the gain is not flattered)."""
-    crossed = cross_fitted_frame(oof)
-    rows = oof["label"] >= 0
+def end_to_end_card(end_to_end: EndToEndOof, table: pd.DataFrame) -> dict[str, Any]:
+    """The model card's ``metrics.end_to_end``: the headline's figures and what they cover, or
+    why the run has none."""
+    if not end_to_end.available:
+        return {"skipped": end_to_end.skipped or "no validation study was scored"}
+    frame = end_to_end.frame
+    rows = table[(table["group"] == ALL) & (table["evaluated_on"] == ON_END_TO_END)]
+    score = rows.set_index("model")["rsna_log_loss"]
+    return {
+        "what": "out of fold: each fold's detectors and DeepScoreNet score its validation studies through the "
+                "scoring code path; undetected targets get the weighted prior of the training folds; temperatures "
+                "cross-fitted per fold",
+        "rsna_score": float(score[END_TO_END]), "rsna_score_calibrated": float(score[END_TO_END + CALIBRATED]),
+        "baseline_weighted_prior": float(score["baseline_weighted_prior"]),
+        "n_studies": int(frame["study_id"].nunique()), "n_labelled_targets": int(len(frame)),
+        "detected_share": float(frame["detected"].mean()),
+        "n_failed_studies": int(frame.loc[frame["failed"].astype(bool), "study_id"].nunique()),
+        "problems": end_to_end.problems[:100], "seconds": round(end_to_end.seconds, 1),
+    }
 
-    def summary(frame: pd.DataFrame) -> dict[str, float]:
-        part = frame[rows]
-        return {"rsna_score": float(rsna_score(part).score),
-                "ece": expected_calibration_error(part[PROBS].to_numpy(), part["label"].to_numpy())}
 
-    return {"method": "temperature per condition (softmax(log p / T)), fitted on the out-of-fold predictions "
-                      "against the severity-weighted log loss",
-            "temperatures": fit_temperatures(oof), "oof_before": summary(oof), "oof_after_cross_fitted": summary(crossed)}
+def _calibration_summary(frame: pd.DataFrame) -> dict[str, float]:
+    part = frame[frame["label"] >= 0]
+    return {"rsna_score": float(rsna_score(part).score),
+            "ece": expected_calibration_error(part[PROBS].to_numpy(), part["label"].to_numpy())}
+
+
+def calibration_card(oof: pd.DataFrame, end_to_end: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The version's calibration: a temperature per condition (what scoring applies; fitted as
+    :func:`shipped_temperatures` says), and the out-of-fold RSNA score and expected calibration
+    error before and after, end to end when there is that frame (``evaluated_on``), else at the
+    labelled points; after: cross-fitted temperatures, so the gain is not flattered."""
+    temperatures, fitted_on = shipped_temperatures(oof, end_to_end)
+    at_points = {"oof_before": _calibration_summary(oof),
+                 "oof_after_cross_fitted": _calibration_summary(cross_fitted_at_points(oof))}
+    card = {"method": "temperature per condition (softmax(log p / T)), fitted on the out-of-fold predictions "
+                      "against the severity-weighted log loss: end to end at the detections (what scoring scales), "
+                      "at the labelled points for a condition never detected",
+            "temperatures": temperatures, "fitted_on": fitted_on}
+    if end_to_end is None or not len(end_to_end):
+        return {**card, "evaluated_on": ON_LABELLED_POINTS, **at_points}
+    return {**card, "evaluated_on": ON_END_TO_END, "oof_before": _calibration_summary(end_to_end),
+            "oof_after_cross_fitted": _calibration_summary(cross_fitted_end_to_end(end_to_end, oof)),
+            "at_labelled_points": at_points}
 
 
 def format_calibration(card: dict[str, Any]) -> str:
     """The calibration's lines of the CV report."""
     before, after = card["oof_before"], card["oof_after_cross_fitted"]
     temps = ", ".join(f"{c} {t:.2f}" for c, t in card["temperatures"].items())
-    return (f"Calibration (temperature per condition: {temps}); out of fold, before -> after (cross-fitted): "
+    where = "end to end" if card.get("evaluated_on") == ON_END_TO_END else "at the labelled points"
+    return (f"Calibration (temperature per condition: {temps}); out of fold, {where}, before -> after (cross-fitted): "
             f"RSNA score {before['rsna_score']:.4f} -> {after['rsna_score']:.4f}, "
             f"expected calibration error {before['ece']:.4f} -> {after['ece']:.4f}")
 

@@ -35,6 +35,7 @@ def main(args: argparse.Namespace) -> int:
     with ray_session(args.address, num_cpus=args.num_cpus):
         decision = run_retrain(cfg, echo=print)
     print(f"challenger: {decision.challenger}  champion before: {decision.champion}  promoted: {decision.promoted}")
+    print(f"why: {decision.reason}")  # e.g. a refused comparison says what to do next
     return 0
 
 
