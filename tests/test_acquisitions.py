@@ -375,7 +375,7 @@ def test_axial_detector_validation_chooses_by_level_across_series(realistic_root
     from lumbar_ray.metrics import labels as label_io
     from lumbar_ray.models.detector_inference import Detection
     from lumbar_ray.targets import targets_for_series
-    from lumbar_ray.training import detector_loop
+    from lumbar_ray.training import detector_validation
 
     root = str(realistic_root)
     points = label_io.labelled_points(label_io.read_labels(root), label_io.read_coordinates(root))
@@ -387,10 +387,10 @@ def test_axial_detector_validation_chooses_by_level_across_series(realistic_root
         return [Detection(class_of_side[axial[int(r.target_index)].side], series.index_of_instance(int(r.instance_number)),
                           int(r.instance_number), float(r.x), float(r.y), 0.8) for r in own.itertuples()]
 
-    monkeypatch.setattr(detector_loop, "detect_series", detect)
+    monkeypatch.setattr(detector_validation, "detect_series", detect)
     study_ids = sorted(points["study_id"].unique())
-    records, rates = detector_loop.validation_records(None, root, "train", study_ids, points, AXIAL_T2, 0.01,
-                                                      torch.device("cpu"))
+    studies = detector_validation.ValidationStudies(root, "train", study_ids, points, AXIAL_T2, cache_mb=1024)
+    records, rates = detector_validation.validation_records(None, studies, 0.01, torch.device("cpu"))
     n_axial = int(points["target_index"].isin(list(axial)).sum())
     assert len(records) == n_axial > 20
     assert records["detected"].all() and records["right_slice"].all()

@@ -29,7 +29,8 @@ def test_two_ddp_workers_per_trial_train_publish_and_score(ray_runtime, syntheti
     manifest = ModelRegistry(str(registry)).manifest(outcome.version)
     assert manifest["config"]["resources"]["workers_per_trial"] == 2
     # out-of-fold rows for every validation study of both folds: rank 0 validated each fold whole
-    assert set(outcome.metric_table["model"]) >= {"deepscorenet", "baseline_weighted_prior"}
+    assert set(outcome.metric_table["model"]) >= {"deepscorenet_at_labelled_points", "deepscorenet_end_to_end",
+                                                  "baseline_weighted_prior"}
     test_study = list_studies(str(synthetic_root), split="test")[0]
     bundle = ModelBundle.from_registry(f"{registry}@{outcome.version}")
     predictions, errors = score_in_process(bundle, str(synthetic_root), [test_study], split="test")

@@ -56,12 +56,33 @@ def test_killed_worker_resumed_from_its_checkpoint(trained, killed_trials):
         assert epochs == [0, 1], history  # epoch 0 was not trained twice
 
 
+def test_each_fold_ships_its_best_round_with_the_best_kept_across_the_restart(trained):
+    """The scorer folds validate after both epochs, their worker killed in between: each ships
+    the better round's weights and out-of-fold file, epoch 0's score kept through the restart."""
+    import torch
+
+    from lumbar_ray.metrics.rsna import rsna_score
+
+    card = ModelRegistry(trained.registry).manifest(trained.version)["fold_outcomes"][SCORER]
+    for fold in ("fold0", "fold1"):
+        folder = Path(trained.artifacts) / SCORER / fold
+        history = json.loads((folder / "history.json").read_text())
+        scores = {h["epoch"]: h["val_rsna_score"] for h in history if "event" not in h}
+        best = min(sorted(scores), key=scores.get)  # a tie keeps the earlier epoch
+        outcome = next(h for h in history if h.get("event") == "outcome")
+        assert outcome["best_epoch"] == best == card[fold]["best_epoch"] == card[fold]["shipped_epoch"], history
+        assert outcome["best_value"] == scores[best] and card[fold]["selection_metric"] == "val_rsna_score"
+        assert torch.load(folder / "scorer.pt", weights_only=True)["epoch"] == best
+        assert rsna_score(pd.read_parquet(folder / "oof.parquet")).score == pytest.approx(scores[best])
+
+
 def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
     table = trained.metric_table
-    assert set(table["model"]) == {"deepscorenet", "deepscorenet_calibrated", "baseline_majority", "baseline_prior",
-                                   "baseline_weighted_prior"}
-    n = table[table["group"] == "all"].set_index("model")["n"]
-    assert n.nunique() == 1 and n.iloc[0] > 0
+    assert set(table["model"]) == {"deepscorenet_end_to_end", "deepscorenet_end_to_end_calibrated",
+                                   "deepscorenet_at_labelled_points", "deepscorenet_at_labelled_points_calibrated",
+                                   "baseline_majority", "baseline_prior", "baseline_weighted_prior"}
+    overall = table[table["group"] == "all"]  # each row set (end to end, labelled points): all models on the same rows
+    assert (overall.groupby("evaluated_on")["n"].nunique() == 1).all() and (overall["n"] > 0).all()
     # temperatures per condition in the card, with the out-of-fold score and ECE before/after
     calibration = ModelRegistry(trained.registry).manifest(trained.version)["calibration"]
     assert set(calibration["temperatures"]) == {t.condition.slug for t in TARGETS}
@@ -76,7 +97,7 @@ def test_best_folds_pick_each_models_best_validated_fold():
 
     det = pd.DataFrame({"detector": ["a", "a", "a", "b", "b", "b"], "fold": ["0", "1", "all"] * 2,
                         "within_5mm": [0.0, 0.39, 0.2, 0.9, 0.9, 0.9]})
-    scorer = pd.DataFrame({"model": ["deepscorenet", "deepscorenet", "baseline_prior", "baseline_prior"],
+    scorer = pd.DataFrame({"model": ["deepscorenet_at_labelled_points"] * 2 + ["baseline_prior"] * 2,
                            "fold": [0, 1, 0, 1], "rsna_score": [0.61, 0.58, 0.1, 0.1]})
     # a collapsed fold 0 loses; a tie goes to the lower fold; the baselines do not count
     assert best_folds(det, scorer, [0, 1]) == {"a": 1, "b": 0, SCORER: 1}
@@ -156,7 +177,7 @@ def test_ray_train_and_tune_storage_on_s3(synthetic_root, tmp_path, s3_env):
     assert not (registry / "runs").exists()
     manifest = ModelRegistry(str(registry)).manifest(outcome.version)
     assert manifest["config"]["storage_path"] == storage
-    assert set(outcome.metric_table["model"]) >= {"deepscorenet", "baseline_weighted_prior"}
+    assert set(outcome.metric_table["model"]) >= {"deepscorenet_at_labelled_points", "baseline_weighted_prior"}
 
 
 # --------------------------------------------------------------------------------------------

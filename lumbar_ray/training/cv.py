@@ -2,11 +2,14 @@
 
 Flow:
   labels + coordinates -> folds grouped by study (stratified) -> training examples cut from the
-  studies by Ray tasks (in the object store, shared by all trials) -> Tune runs one trial per
-  (model, fold) — plus one per model on all studies, the version that ships — each a
-  ``TorchTrainer`` that resumes from its last checkpoint when a worker dies (:mod:`.trials`) ->
-  out-of-fold predictions -> metrics against the majority and prior baselines
-  (:mod:`.cv_metrics`) -> a registry version (:mod:`.publish`).
+  studies by Ray tasks into shard files on the run's storage, per chunk of one fold's studies
+  and per series type (:mod:`.shards`; each trial reads its own; removed once the version is
+  published) -> Tune runs one trial per (model, fold) — plus one per model on all studies, the
+  version that ships — each a ``TorchTrainer`` that resumes from its last checkpoint when a
+  worker dies (:mod:`.trials`) -> out-of-fold predictions, and end to end: each fold's models
+  score its validation studies as scoring does, Ray tasks (:mod:`.end_to_end`; the headline) ->
+  metrics against the majority and prior baselines (:mod:`.cv_metrics`) -> a registry version
+  (:mod:`.publish`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from lumbar_ray.models.registry import ModelRegistry, new_version_id
 from lumbar_ray.storage import is_url
 from lumbar_ray.training.artifacts import fold_name
 from lumbar_ray.training.cv_metrics import collect_cv_metrics
-from lumbar_ray.training.examples import prepare_examples
+from lumbar_ray.training.end_to_end import end_to_end_oof
+from lumbar_ray.training.examples import cut_examples
 from lumbar_ray.training.folds import assign_folds
 from lumbar_ray.training.publish import model_card, shipped_folds, version_files
+from lumbar_ray.training.shards import examples_dir, remove_examples
 from lumbar_ray.training.trials import TrialSummary, run_trials
 from lumbar_ray.training.warm_start import load_warm_start
 
@@ -100,19 +105,24 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
         echo(f"[train] warm start: every model starts from {warm.registry}@{warm.version}")
     data = labelled_studies(cfg, echo)
     started = time.time()
-    examples = prepare_examples(cfg, data.points, with_slices="detector" in cfg.models)
-    echo(f"[train] cut {len(examples.crops)} crops and "
-         f"{sum(len(v) for v in examples.slices.values())} labelled slices in {time.time() - started:.1f} s"
+    # shards on the run's storage; the driver keeps counts and problems only
+    examples = cut_examples(cfg, data.points, data.folds, examples_dir(paths.storage, paths.version),
+                            with_slices="detector" in cfg.models)
+    echo(f"[train] cut {examples.n_crops} crops and {sum(examples.n_slices.values())} labelled slices "
+         f"into {len(examples.chunks)} chunks of shards in {time.time() - started:.1f} s"
          + (f"; {len(examples.problems)} problems recorded" if examples.problems else ""))
     init_refs = {job: ray.put(weights) for job, weights in warm.weights.items()} if warm else {}
-    trials = run_trials(cfg, data.folds, ray.put(examples), paths.version, paths.storage, paths.artifacts,
+    trials = run_trials(cfg, data.folds, examples.root, paths.version, paths.storage, paths.artifacts,
                         init_refs=init_refs)
     echo(f"[train] {len(trials)} trials finished in {time.time() - started:.1f} s")
+    # the headline figure: each fold's models score its validation studies as scoring would
+    end_to_end = end_to_end_oof(cfg, data.labels, data.folds, paths.artifacts, echo)
 
     # the version's files are assembled in a temporary folder that publish copies from
     with tempfile.TemporaryDirectory(prefix="lumbar-ray-train-") as scratch:
         out_dir = Path(scratch)
-        metrics = collect_cv_metrics(cfg.jobs(), data.labels, data.folds, paths.artifacts, out_dir, paths.version)
+        metrics = collect_cv_metrics(cfg.jobs(), data.labels, data.folds, paths.artifacts, out_dir, paths.version,
+                                     end_to_end=end_to_end)
         shipped = shipped_folds(cfg, metrics, sorted(data.folds["fold"].unique().tolist()))
         if not cfg.final_fit:
             echo("[train] no final fit: shipping each model's best-validated fold: "
@@ -122,5 +132,8 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
                           init_from=warm.card() if warm else None)
         registry.publish(paths.version, {k: str(v) for k, v in files.items()}, card)
     echo(f"[train] published {registry.url('versions', paths.version)}")
+    # the shards can be large and the version no longer needs them; a failed run leaves them
+    # under {storage}/{version}/examples (a rerun of that version cuts them afresh)
+    remove_examples(examples.root)
     return TrainingOutcome(paths.version, cfg.registry, metrics.scorer_table, metrics.detector_table, trials,
                            report, examples.problems, paths.artifacts)

@@ -1,16 +1,22 @@
 """The detector's TorchTrainer worker loop: one YOLOv8 per series type, DDP over gloo (CPU) or
-NCCL (GPU), a checkpoint every epoch, resumable; on the last epoch rank 0 runs the detector over
-the whole series of its validation studies and records where each labelled target was found.
-The epochs themselves are :class:`~lumbar_ray.training.detector_fit.DetectorFit`'s, as in a local fit."""
+NCCL (GPU), a checkpoint every epoch, resumable. Every ``val_every`` epochs and after the last,
+rank 0 runs the detector over the whole series of its validation studies (read once per trial,
+:mod:`.detector_validation`) and records where each labelled target was found; the best round's
+weights and records are what the fold ships (:class:`~lumbar_ray.training.best_epoch.BestEpoch`),
+and ``patience`` rounds without improvement stop it early. The epochs themselves are
+:class:`~lumbar_ray.training.detector_fit.DetectorFit`'s, as in a local fit."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import ray
@@ -19,80 +25,159 @@ import ray.train.torch
 import torch
 
 from lumbar_ray.config import DetectorConfig, series_type_of_job
-from lumbar_ray.dicom.errors import DicomReadError
-from lumbar_ray.dicom.read import load_descriptions, read_study
 from lumbar_ray.models import ultralytics_env
 from lumbar_ray.models.detector import DEFAULT_BOX_MM, build_detector, make_loss_fn, save_detector, unwrap_model
-from lumbar_ray.models.detector_inference import Detection, detect_series
-from lumbar_ray.models.levels import (
-    LocatedDetection, assign_slices_to_levels, level_points, select_axial_by_level,
-    select_axial_whole_series,
-)
-from lumbar_ray.models.target_selection import select_target_detections
-from lumbar_ray.targets import AXIAL_T2, TARGETS, targets_for_series
+from lumbar_ray.targets import targets_for_series
 from lumbar_ray.training.artifacts import ALL_FOLDS, HISTORY_FILE, OOF_FILE, weights_file
+from lumbar_ray.training.best_epoch import BestEpoch, is_validation_epoch
 from lumbar_ray.training.detector_data import DetectorDataset, DetectorSample, collate_detector
-from lumbar_ray.training.detector_eval import HitRates, detector_hit_rates
+from lumbar_ray.training.detector_eval import SELECTION_METRIC, collapse_reason, collapsed, selection_value
 from lumbar_ray.training.detector_fit import DetectorFit, make_optimizer, make_scheduler
-from lumbar_ray.training.examples import TrainingExamples
+from lumbar_ray.training.detector_validation import ValidationStudies, validation_records
+from lumbar_ray.training.shard_data import block_loader, detector_fold_data, known_studies
+from lumbar_ray.training.shards import Manifest, read_points
 from lumbar_ray.training.warm_start import start_from
 from lumbar_ray.training.worker import (
-    initial_weights, is_rank_zero, load_resume_state, parquet_bytes, report_epoch, set_worker_threads,
-    start_position,
+    initial_weights, is_rank_zero, load_resume_state, parquet_bytes, rank_zero_decides, report_epoch,
+    set_worker_threads, start_position,
 )
 
 log = logging.getLogger(__name__)
 
-SPINAL_TARGETS = [t.index for t in TARGETS if t.family == "spinal"]
-
 
 def detector_worker_loop(cfg: dict) -> None:
     """Train the detector of job ``cfg["job"]`` on fold ``cfg["fold"]``'s labelled slices,
-    reporting every epoch with a checkpoint to resume from."""
+    reporting every epoch with a checkpoint to resume from; the last report carries the fold's
+    outcome (:func:`outcome_metrics`: best epoch, early stop, collapse)."""
     ultralytics_env.configure()
     set_worker_threads(cfg)
     dc = DetectorConfig(**{**cfg["detector"], "series_types": tuple(cfg["detector"]["series_types"])})
     job, fold = cfg["job"], cfg["fold"]
     series_type = series_type_of_job(job)
-    examples: TrainingExamples = ray.get(cfg["examples_ref"][0])
-    train_samples, val_studies = fold_samples(examples.slices.get(series_type, []), cfg["folds"], fold)
-    if not train_samples:
+    # this series type's slices of the training folds, read lazily from the run's example shards
+    data = detector_fold_data(cfg, series_type, fold)
+    train_samples, val_studies = data.train_samples, data.val_studies
+    if not len(train_samples):
         raise ValueError(f"{job} fold {fold}: no labelled {series_type} slices to train on")
     torch.manual_seed(cfg["seed"])
     fit = start_worker_fit(train_samples, series_type, dc, cfg["seed"], initial_weights(cfg, job))
+    graded = graded_studies(cfg, dc, series_type, fold, val_studies, data.points)
+    # The all-studies fit has no validation fold to pick an epoch on: it trains the whole
+    # schedule and its last epoch is only checked for a collapse, on a few training studies.
+    selecting = fold != ALL_FOLDS and len(graded) > 0
+    best = BestEpoch(higher_is_better=True, patience=dc.patience if selecting else None)
     resumed = load_resume_state()
     if resumed is not None:
         fit.load_state_dict(resumed)
+        best = BestEpoch.from_state(resumed["best"])
+        if resumed.get("stopped"):
+            return  # restarted after its final report: that checkpoint is the fold's outcome
     start_epoch, history = start_position(resumed)
     for epoch in range(start_epoch, dc.epochs):
         # BatchNorm is recalibrated on rank 0 only: its model is the one saved.
         stats, last = fit.run_epoch(epoch, precise_bn=is_rank_zero())
-        metrics = {"epoch": epoch, "train_loss": stats["loss"], "images_per_s": stats["images_per_s"], "time": time.time()}
-        extra: dict[str, bytes] = {}
-        if last and is_rank_zero():
-            final = fit.final_model()
-            extra[weights_file(job)] = detector_bytes(final, fold=fold, epochs=dc.epochs)
-            if val_studies:
-                records, rates = validation_records(final, cfg["data"], cfg["split"], val_studies,
-                                                    examples.points, series_type, dc.conf, fit.device)
-                records["job"], records["fold"] = job, fold
-                extra[OOF_FILE] = parquet_bytes(records)
-                metrics.update({f"val_{k}": float(v) for k, v in rates.items()})
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "images_per_s": stats["images_per_s"],
+                                   "time": time.time()}
+        validating = selecting and is_validation_epoch(epoch, dc.epochs, dc.val_every)
+        files: dict[str, bytes] = {}
+        rates: dict[str, float] = {}
+        if is_rank_zero() and (validating or last):
+            files, rates = graded_round(fit, last, graded, selecting, job, fold, epoch, dc, cfg["seed"])
+            metrics.update({f"{'val' if selecting else 'check'}_{k}": float(v) for k, v in rates.items()})
+            if validating:
+                metrics["is_best"] = best.update(epoch, selection_value(rates), files, rates)
+        stop = rank_zero_decides(best.should_stop) and not last if validating else False
         history.append(metrics)
+        extra: dict[str, bytes] = {}
+        if (last or stop) and is_rank_zero():
+            extra = best.shipped_files(files)
+            outcome = outcome_metrics(best, rates, selecting, stop, epoch, graded)
+            metrics = {**metrics, **outcome}  # the last report carries it to the trial
+            history.append({"event": "outcome", "epoch": epoch, "time": time.time(), **outcome,
+                            "unreadable_study_ids": sorted(graded.unreadable)})
         extra[HISTORY_FILE] = json.dumps(history).encode()
-        report_epoch(metrics, {**fit.state_dict(), "epoch": epoch, "history": history}, extra)
+        report_epoch(metrics, {**fit.state_dict(), "epoch": epoch, "history": history, "best": best.state_dict(),
+                               "stopped": stop}, extra)
+        if stop:
+            break
 
 
-def fold_samples(samples: list[DetectorSample], fold_of: dict[int, int], fold: int) -> tuple[list[DetectorSample], list[int]]:
-    """The training slices of ``fold`` (the other folds' studies; every study's for
-    :data:`ALL_FOLDS`) and its validation studies."""
+def graded_studies(cfg: dict, dc: DetectorConfig, series_type: str, fold: int, val_studies: list[int],
+                   points: pd.DataFrame) -> ValidationStudies:
+    """What the rounds grade: the fold's validation studies; for the all-studies fit, the first
+    ``dc.final_check_studies`` training studies with this type's targets (a collapse check)."""
     if fold == ALL_FOLDS:
-        return [s for s in samples if int(s.study_id) in fold_of], []
-    train = [s for s in samples if fold_of.get(int(s.study_id), fold) != fold]
-    return train, sorted({int(s) for s, f in fold_of.items() if f == fold})
+        val_studies, points = final_check_points(cfg, series_type, dc.final_check_studies)
+    return ValidationStudies(cfg["data"], cfg["split"], val_studies, points, series_type, dc.val_cache_mb)
 
 
-def start_worker_fit(train_samples: list[DetectorSample], series_type: str, dc: DetectorConfig, seed: int,
+def final_check_points(cfg: dict, series_type: str, n: int) -> tuple[list[int], pd.DataFrame]:
+    """(up to ``n`` training studies with labelled ``series_type`` targets, their points of every
+    series type), from the first chunks of the run's shards that hold such studies."""
+    own = [t.index for t in targets_for_series(series_type)]
+    manifest = Manifest.read(cfg["examples"])
+    ids: list[int] = []
+    frames = []
+    for entry in manifest.chunks_for(None):
+        if len(ids) >= n:
+            break
+        if not entry.n_slices.get(series_type):
+            continue
+        points = known_studies(read_points(manifest.root, [entry]), cfg["folds"])
+        frames.append(points)
+        ids += sorted(set(points.loc[points["target_index"].isin(own), "study_id"].astype(int)))
+    ids = ids[:n]
+    points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["study_id", "target_index"])
+    return ids, points[points["study_id"].astype(int).isin(ids)]
+
+
+def graded_model(fit: DetectorFit, last: bool):
+    """The model a round grades and may ship. After the last epoch: the fit's final model, its
+    BatchNorm recalibrated by ``run_epoch``. Before it: a copy of the EMA weights recalibrated
+    likewise (a forward pass over the training images), so that the live EMA, which training
+    goes on updating, keeps its own statistics."""
+    if last:
+        return fit.final_model()
+    snapshot = copy.deepcopy(fit.final_model())
+    fit.recalibrate_batchnorm(snapshot)
+    return snapshot
+
+
+def graded_round(fit: DetectorFit, last: bool, graded: ValidationStudies, selecting: bool, job: str, fold: int,
+                 epoch: int, dc: DetectorConfig, seed: int) -> tuple[dict[str, bytes], dict[str, float]]:
+    """Rank 0's round: (the files it would ship — weights, and on a validation fold its records,
+    the fold's out-of-fold file —, the rates of :func:`validation_records`; none without studies).
+    The all-studies fit's check records are of training studies: never an out-of-fold file."""
+    model = graded_model(fit, last)
+    files = {weights_file(job): detector_bytes(model, fold=fold, epochs=dc.epochs, epoch=epoch, seed=seed)}
+    if not len(graded):
+        return files, {}
+    records, rates = validation_records(model, graded, dc.conf, fit.device)
+    if selecting:
+        records["job"], records["fold"] = job, fold
+        files[OOF_FILE] = parquet_bytes(records)
+    return files, rates
+
+
+def outcome_metrics(best: BestEpoch, rates: dict[str, float], selecting: bool, stopped: bool, epoch: int,
+                    graded: ValidationStudies) -> dict[str, Any]:
+    """The fold's outcome, on its last report (the trial reads it): the best epoch and its value
+    (selecting; else the last epoch ships), whether patience stopped it, and whether it
+    collapsed — every validation round (the all-studies fit: its check) found nothing."""
+    if selecting and best.best_epoch is not None:
+        fold_collapsed, reason = False, ""
+    else:
+        where = (f"its {len(graded)} validation studies" if selecting
+                 else f"{len(graded)} of its own training studies (the all-studies fit's check)")
+        fold_collapsed = collapsed(rates)
+        reason = collapse_reason(rates, where) if fold_collapsed else ""
+    return {**best.summary(), "selection_metric": f"val_{SELECTION_METRIC}" if selecting else "",
+            "shipped_epoch": best.best_epoch if selecting and best.best_epoch is not None else epoch,
+            "epochs_trained": epoch + 1, "stopped_early": bool(stopped), "collapsed": fold_collapsed,
+            "collapse_reason": reason, "unreadable_studies": len(graded.unreadable)}
+
+
+def start_worker_fit(train_samples: Sequence[DetectorSample], series_type: str, dc: DetectorConfig, seed: int,
                      init_weights: bytes | None = None) -> DetectorFit:
     """A :class:`DetectorFit` on this worker: the loader sharded and the model DDP-wrapped by
     Ray Train, AdamW with warm-up and cosine decay over ``dc.epochs``, EMA weights, AMP on CUDA.
@@ -102,9 +187,12 @@ def start_worker_fit(train_samples: list[DetectorSample], series_type: str, dc: 
 
     box_mm = dc.box_mm if dc.box_mm is not None else DEFAULT_BOX_MM[series_type]
     dataset = DetectorDataset.from_samples(train_samples, series_type, imgsz=dc.imgsz, box_mm=box_mm, augment=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=dc.batch_size, shuffle=True,
-                                         drop_last=len(dataset) > dc.batch_size, collate_fn=collate_detector)
-    # Batches are dicts: train_one_epoch moves them; Ray only adds the distributed sampler.
+    context = ray.train.get_context()
+    # shuffled chunk by chunk of the shards, each rank its share (training/shard_data.py)
+    loader = block_loader(dataset, dc.batch_size, seed, num_replicas=context.get_world_size(),
+                          rank=context.get_world_rank(), collate_fn=collate_detector,
+                          drop_last=len(dataset) > dc.batch_size)
+    # Batches are dicts: train_one_epoch moves them; the sampler already shards them by rank.
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     model = build_detector(series_type, imgsz=dc.imgsz, box_mm=box_mm, seed=seed)
     start_from(model, init_weights)
@@ -127,64 +215,3 @@ def detector_bytes(model, **extra) -> bytes:
         path = os.path.join(directory, "detector.pt")
         save_detector(model, path, **extra)
         return Path(path).read_bytes()
-
-
-def validation_records(model, root: str, split: str, study_ids, points: pd.DataFrame, series_type: str,
-                       conf: float, device) -> tuple[pd.DataFrame, dict]:
-    """Whole-series detection on validation studies -> one record per labelled target.
-
-    Each labelled series is read whole and its targets chosen as scoring chooses them. Axial
-    targets are chosen per level among every axial series of the study
-    (:func:`lumbar_ray.models.levels.select_axial_by_level`), the levels placed in 3-D from the
-    study's *labelled* canal points on its sagittal series: this measures the axial detector
-    with its levels given (a diagnostic; scoring places them from the sagittal detections)."""
-    descriptions = load_descriptions(root, split)
-    own = points[points["target_index"].isin([t.index for t in targets_for_series(series_type)])]
-    parts, records = [], []
-    for sid in study_ids:
-        rows = own[own["study_id"] == sid]
-        if rows.empty:
-            continue
-        try:
-            study = read_study(root, int(sid), split=split, descriptions=descriptions)
-        except DicomReadError as exc:
-            log.warning("validation study %s unreadable: %s", sid, exc)
-            continue
-        if series_type == AXIAL_T2:
-            selected = _axial_selection_at_labelled_levels(model, study, points[points["study_id"] == sid], conf, device)
-        for series_id, srows in rows.groupby("series_id"):
-            series = study.find_series(series_id, int(srows["instance_number"].iloc[0]))
-            if series is None:
-                continue
-            if series_type == AXIAL_T2:
-                chosen = {i: (located.detection if located is not None and located.series is series else None)
-                          for i, located in selected.items()}
-            else:
-                chosen = select_target_detections(detect_series(model, series, conf=conf, device=device),
-                                                  series_type, series)
-            hits = detector_hit_rates(chosen, srows, series)
-            parts.append(hits)
-            for rec in hits.records:
-                records.append({"study_id": int(sid), "series_id": int(series_id), **rec})
-    merged = HitRates.merge(parts)
-    return pd.DataFrame(records), merged.as_dict()
-
-
-def _axial_selection_at_labelled_levels(model, study, study_points: pd.DataFrame, conf: float, device) -> dict:
-    """{axial target index: LocatedDetection | None}: the detector run over every axial series
-    of the study, targets chosen per level, the levels' 3-D points from the labelled canal
-    points (none labelled: each series' own most confident detection per class)."""
-    canal = {}
-    for row in study_points[study_points["target_index"].isin(SPINAL_TARGETS)].itertuples(index=False):
-        series = study.find_series(row.series_id, int(row.instance_number))
-        if series is not None and (series.instance_numbers == int(row.instance_number)).any():
-            k = series.index_of_instance(int(row.instance_number))
-            canal[int(row.target_index)] = LocatedDetection(
-                series, Detection(0, k, int(row.instance_number), float(row.x), float(row.y), 1.0))
-    found = [(series, detect_series(model, series, conf=conf, device=device))
-             for series in study.series_of_type(AXIAL_T2)]
-    targets = targets_for_series(AXIAL_T2)
-    levels = level_points(canal)
-    if not levels:
-        return select_axial_whole_series(found, targets)
-    return select_axial_by_level([(s, d, assign_slices_to_levels(s, levels)) for s, d in found], targets)

@@ -17,8 +17,8 @@ from lumbar_ray.models.registry import git_commit
 from lumbar_ray.storage import filesystem_for
 from lumbar_ray.training.artifacts import ALL_FOLDS, fold_dir, fold_name, weights_file
 from lumbar_ray.training.cv_metrics import CvMetrics, best_folds
-from lumbar_ray.training.examples import TrainingExamples
-from lumbar_ray.training.trials import TrialSummary
+from lumbar_ray.training.examples import ExamplesSummary
+from lumbar_ray.training.trials import TrialSummary, fold_outcomes
 
 
 def shipped_folds(cfg: TrainConfig, metrics: CvMetrics, fold_ids: list[int]) -> dict[str, int]:
@@ -65,12 +65,12 @@ def data_fingerprint(root: str, split: str = "train") -> dict[str, Any]:
     return out
 
 
-def input_spec(cfg: TrainConfig, examples: TrainingExamples) -> dict[str, Any]:
+def input_spec(cfg: TrainConfig, examples: ExamplesSummary) -> dict[str, Any]:
     """What each shipped model expects as input (crop geometry, channels, classes)."""
     det_jobs = [j for j in cfg.jobs() if j != SCORER]
     return {
         "scorer": {"crop_px": 32, "channels": cfg.scorer.channels, "crop_mm": cfg.scorer.crop_mm,
-                   "in_channels": int(examples.crops.shape[1]) if len(examples.crops) else 3,
+                   "in_channels": int(examples.channels),
                    "normalisation": "per-crop robust percentile scaling (scorer.normalize_crop)",
                    "classes": list(targets_mod.SEVERITIES)},
         "detectors": {j: {"series_type": series_type_of_job(j), "imgsz": cfg.detector.imgsz,
@@ -79,7 +79,7 @@ def input_spec(cfg: TrainConfig, examples: TrainingExamples) -> dict[str, Any]:
     }
 
 
-def model_card(cfg: TrainConfig, labels: pd.DataFrame, n_points: int, examples: TrainingExamples,
+def model_card(cfg: TrainConfig, labels: pd.DataFrame, n_points: int, examples: ExamplesSummary,
                trials: list[TrialSummary], metrics_card: dict[str, Any], shipped: dict[str, int],
                init_from: dict[str, str] | None = None) -> dict[str, Any]:
     """The version's manifest card: config, targets, input spec, shipped folds, the version the
@@ -108,6 +108,8 @@ def model_card(cfg: TrainConfig, labels: pd.DataFrame, n_points: int, examples: 
         "calibration": metrics_card.get("calibration"),
         "priors": {c: [float(v) for v in priors.loc[c].to_numpy()] for c in priors.index},
         "trials": [dataclasses.asdict(t) | {"metrics": None} for t in trials],
+        # per model and fold: the epoch that shipped and why (best round, early stop), collapses and retries
+        "fold_outcomes": fold_outcomes(trials),
         "problems": examples.problems[:1000],
         "n_problems": len(examples.problems),
     }

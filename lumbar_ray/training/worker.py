@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import ray
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 
@@ -60,6 +61,15 @@ def start_position(resumed: dict | None) -> tuple[int, list[dict]]:
 
 def is_rank_zero() -> bool:
     return ray.train.get_context().get_world_rank() == 0
+
+
+def rank_zero_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank. Only rank 0 validates, so only it knows when to stop
+    early; every rank must leave the epoch loop together, or the others would wait in their next
+    all-reduce. Call it on every rank at the same points of the loop. Ray Train's broadcast (its
+    synchronisation actor, as its reports use), not torch.distributed's: ranks wait there while
+    rank 0 validates, which may outlast the process group's timeout (30 min) on a large fold."""
+    return bool(ray.train.collective.broadcast_from_rank_zero(bool(flag)))
 
 
 def report_epoch(metrics: dict, state: dict, extra_files: dict[str, bytes] | None = None) -> None:
