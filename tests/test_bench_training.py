@@ -59,12 +59,17 @@ def test_memory_line_and_rates():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_run_end_to_end(tmp_path, capsys):
+def test_tiny_run_end_to_end(ray_runtime, tmp_path):
+    # both sizes in this process, on the module's Ray runtime: one Ray start-up, not two (under a
+    # heavy load a start-up can time out)
     args = get_args_parser().parse_args(["--n", "2", "--scale", "2", "--imgsz", "64", "--num-cpus", "2",
-                                         "--workdir", str(tmp_path), "--json", str(tmp_path / "out.json")])
+                                         "--workdir", str(tmp_path), "--json", str(tmp_path / "out.json"),
+                                         "--no-isolate"])
     lines = []
     assert main(args, echo=lines.append) == 0
-    assert [line.split(":")[0] for line in lines if line.startswith("N=")] == ["N=2 studies", "N=4 studies"]
+    sizes = [line.split(":")[0] for line in lines if line.startswith("N=")]
+    assert sizes == ["N=2 studies", "N=4 studies"] * 2  # after each size, and again in the summary
+    assert lines[lines.index("[bench] summary") + 1].startswith("N=2 studies")
     assert lines[-1].startswith("memory 2→4: ")
     assert not list(tmp_path.glob("train-n*"))  # each size's storage removed, shards included
     assert (tmp_path / "out.json").exists()
