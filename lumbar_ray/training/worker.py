@@ -1,4 +1,4 @@
-"""What every TorchTrainer worker loop shares: its train/validation split, resuming from the
+"""What every TorchTrainer worker loop shares: its threads, resuming from the
 trial's last checkpoint, and reporting an epoch with its checkpoint files."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import ray
 import ray.train
@@ -17,21 +16,12 @@ import ray.train.collective
 import ray.train.torch
 import torch
 
-from lumbar_ray.training.artifacts import ALL_FOLDS, STATE_FILE
+from lumbar_ray.training.artifacts import STATE_FILE
 
 
 def set_worker_threads(cfg: dict) -> None:
     """Torch's intra-op threads: as many as the worker's CPUs."""
     torch.set_num_threads(max(1, int(cfg["threads"])))
-
-
-def split_indices(study_ids: np.ndarray, folds: dict[int, int], fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, validation) of ``fold``: validation is the fold's studies, training
-    the other folds' (every fold's for :data:`ALL_FOLDS`); studies without a fold are in neither."""
-    study_fold = np.array([folds.get(int(s), -2) for s in study_ids])
-    if fold == ALL_FOLDS:
-        return np.flatnonzero(study_fold >= 0), np.zeros(0, dtype=np.int64)
-    return np.flatnonzero((study_fold >= 0) & (study_fold != fold)), np.flatnonzero(study_fold == fold)
 
 
 def load_resume_state() -> dict | None:
