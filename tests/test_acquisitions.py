@@ -416,3 +416,31 @@ def test_an_overlapping_oblique_stack_of_the_same_size_is_not_merged(tmp_path):
     main = study.series[SAGITTAL_T2]
     assert main.n_slices == 10 and not main.is_multi_oriented
     assert [s.n_slices for s in study.other_series] == [6]
+
+
+def test_a_repeated_series_of_equal_size_is_chosen_by_its_headers_not_its_folder_name(tmp_path):
+    """Disk folders are numbers and PACS folders UIDs, which sort differently: the tie between a
+    series and its repeat goes to the higher SeriesNumber (the repeat), whatever the folders are
+    called, so both reads score the same series first."""
+    def study_with_folders(root: Path, first: str, repeat: str) -> None:
+        base = root / "train_images" / "7005"
+        for folder, number, x0 in ((first, 4, -14.0), (repeat, 5, -13.0)):
+            o = np.asarray(SAG)
+            normal = np.cross(o[:3], o[3:])
+            positions = [np.array([x0, -10.0, 130.0]) + k * 4.0 * normal for k in range(8)]
+            write_mr_series(str(base / folder), np.full((8, SIZE, SIZE), 300, np.uint16),
+                            study_uid=uid_for("study", "7005"), series_uid=f"1.2.826.0.1.{number}",
+                            study_id="7005", series_description="Sagittal T2/STIR", series_number=number,
+                            image_orientation=tuple(o), positions=positions, pixel_spacing=PIXEL,
+                            slice_thickness=3.0, instance_numbers=list(range(1, 9)))
+
+    # the repeat's folder sorts first on disk ("10" < "20") and last as a UID
+    study_with_folders(tmp_path / "disk", first="20", repeat="10")
+    study_with_folders(tmp_path / "pacs", first="1.2.826.0.1.4", repeat="1.2.826.0.1.5")
+    on_disk = read_study(str(tmp_path / "disk"), "7005")
+    from_pacs = read_study(str(tmp_path / "pacs"), "7005")
+    assert on_disk.series[SAGITTAL_T2].series_id == "10"
+    assert from_pacs.series[SAGITTAL_T2].series_id == "1.2.826.0.1.5"
+    assert on_disk.series[SAGITTAL_T2].series_instance_uid == from_pacs.series[SAGITTAL_T2].series_instance_uid
+    assert [s.series_instance_uid for s in on_disk.series_of_type(SAGITTAL_T2)] == \
+        [s.series_instance_uid for s in from_pacs.series_of_type(SAGITTAL_T2)]

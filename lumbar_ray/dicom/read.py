@@ -31,7 +31,8 @@ How a study's series are chosen (:func:`read_study`)
 2. The type of a folder's series: the first rule that decides, in the order
    :mod:`lumbar_ray.dicom.series_types` lists (``Series.type_source`` says which).
 3. Per type the stack with the most slices wins (stacks typed from a description beat guessed
-   ones); the rest go to ``Study.other_series`` (decoded too: labels may point at them, and
+   ones; ties go to the higher SeriesNumber, a repeat, then the SeriesInstanceUID, so disk and
+   PACS reads agree); the rest go to ``Study.other_series`` (decoded too: labels may point at them, and
    scoring runs every series of a type, :meth:`~lumbar_ray.dicom.series.Study.series_of_type`).
 """
 
@@ -308,6 +309,24 @@ def _decode_candidate(study: _StudyFolder, c: SeriesCandidate) -> tuple[Series |
     )
 
 
+def _series_number(c: SeriesCandidate) -> int | None:
+    try:
+        return int(c.stack[0].ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _preference(c: SeriesCandidate) -> tuple:
+    """Best first among one type's candidates: a confidently typed series, then the longer stack,
+    then the later acquisition (the higher SeriesNumber: a sequence is repeated because the first
+    run was degraded, by motion most often), then SeriesInstanceUID. The ties are broken by header
+    values, never by the folder name, so a study read from disk (numbered folders) and from a PACS
+    (folders named by UID) keeps the same series."""
+    number = _series_number(c)
+    return (c.type_source not in CONFIDENT_SOURCES, -len(c.stack), number is None, -(number or 0),
+            c.stack[0].series_uid or "", id_sort_key(c.series_id))
+
+
 def _decode_by_type(
     study: _StudyFolder, candidates: list[SeriesCandidate]
 ) -> tuple[dict[str, Series], list[Series], list[SkippedFile]]:
@@ -321,10 +340,7 @@ def _decode_by_type(
         by_type.setdefault(c.series_type, []).append(c)
     order = [t for t in SERIES_TYPES if t in by_type] + [t for t in by_type if t not in SERIES_TYPES]
     for series_type in order:
-        ranked = sorted(
-            by_type[series_type],
-            key=lambda c: (c.type_source not in CONFIDENT_SOURCES, -len(c.stack), id_sort_key(c.series_id)),
-        )
+        ranked = sorted(by_type[series_type], key=_preference)
         for c in ranked:
             series, decode_skips = _decode_candidate(study, c)
             skipped += decode_skips
