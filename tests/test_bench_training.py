@@ -55,6 +55,16 @@ def test_memory_line_and_rates():
     assert lines[0].startswith("N=20 studies: driver peak 300 MB, Ray processes peak 700 MB")
     assert lines[1] == "  cut 500 examples in 2.0 s (250.0 examples/s); trials 10.0 s (16.0 examples/s over all trials)"
     assert lines[2].startswith(f"  {SCORER}: 160 examples in 2 trials, 26.7 examples/s per trial")
+    assert "largest Ray process" not in line  # no per-process peaks recorded: nothing claimed
+
+
+def test_per_process_peaks_are_printed_largest_first_and_compared():
+    small, big = size_run(20, 1000.0), size_run(200, 1100.0)
+    small.process_peaks_mb = {"driver": 300.0, "raylet": 80.0, "ray::RayTrainWorker": 610.0, "ray::cut_chunk": 200.0}
+    big.process_peaks_mb = {"driver": 310.0, "raylet": 90.0, "ray::RayTrainWorker": 640.0, "ray::cut_chunk": 700.0}
+    line = [x for x in size_lines(small) if "largest single processes" in x][0]
+    assert line.endswith("ray::RayTrainWorker 610 MB, driver 300 MB, ray::cut_chunk 200 MB, raylet 80 MB")
+    assert growth_line(small, big).endswith("largest Ray process 610 → 700 MB (ray::cut_chunk))")
 
 
 @pytest.mark.slow
@@ -70,6 +80,7 @@ def test_tiny_run_end_to_end(ray_runtime, tmp_path):
     sizes = [line.split(":")[0] for line in lines if line.startswith("N=")]
     assert sizes == ["N=2 studies", "N=4 studies"] * 2  # after each size, and again in the summary
     assert lines[lines.index("[bench] summary") + 1].startswith("N=2 studies")
-    assert lines[-1].startswith("memory 2→4: ")
+    assert lines[-1].startswith("memory 2→4: ") and "largest Ray process" in lines[-1]
+    assert any(x.startswith("  largest single processes, each at its own peak: ") and "driver" in x for x in lines)
     assert not list(tmp_path.glob("train-n*"))  # each size's storage removed, shards included
     assert (tmp_path / "out.json").exists()

@@ -51,6 +51,7 @@ class MemorySampler:
         self.gpu_peak_bytes: int | None = None
         self._gpu_handles: list = []
         self.peak_breakdown: list[tuple[str, int]] = []  # (process, RSS bytes) at the peak
+        self.title_peaks: dict[str, int] = {}  # per process title: the largest one process reached
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if gpu:
@@ -92,6 +93,7 @@ class MemorySampler:
             kind = "driver" if title == "driver" else ("workers" if title.startswith("ray::") else "other")
             groups[kind] = groups.get(kind, 0) + rss
             parts.append((title, rss))
+            self.title_peaks[title] = max(self.title_peaks.get(title, 0), rss)
         self.samples += 1
         if total > self.peak_bytes:
             self.peak_bytes = total

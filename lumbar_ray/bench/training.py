@@ -1,7 +1,8 @@
 """`make bench-train`: one epoch of every model (the three detectors and DeepScoreNet), cross-
 validated on N and then scale x N small synthetic studies, each size in a fresh process with its
 own Ray runtime. Prints, for each size, the peak resident memory of the driver and of all Ray
-processes summed, examples/s of the cutting and of each model's trials, and last the line
+processes summed, the largest single processes (each at its own peak: the driver, raylet, a
+training worker, a cutting task), examples/s of the cutting and of each model's trials, and last the line
 ``memory N→10N: +X%`` (the total's growth; the streamed examples aim at <= +20 %).
 
 What runs is what ``lumbar-ray train`` runs up to its trials (folds, examples cut into shards,
@@ -30,6 +31,7 @@ from lumbar_ray.config import SCORER, DetectorConfig, ResourceConfig, ScorerConf
 from lumbar_ray.runtime import ray_session
 
 # the memory target of issue 16: the total peak grows by at most this much from N to 10 N studies
+PROCESSES_SHOWN = 6  # the largest processes printed per size
 MEMORY_TARGET = 0.20
 
 
@@ -94,6 +96,8 @@ class SizeRun:
     total_peak_mb: float  # driver + Ray processes
     problems: int
     jobs: list[str] = field(default_factory=list)
+    # per process title (driver, raylet, ray::<task or actor>): the largest RSS one such process reached
+    process_peaks_mb: dict[str, float] = field(default_factory=dict)
 
     @property
     def trained_examples(self) -> int:
@@ -167,7 +171,7 @@ def phase_train(cfg_dict: dict, n_studies: int, num_cpus: int | None, interval_s
              for t in sorted(trials, key=lambda t: (t.job, t.fold))]
     run = SizeRun(n_studies, t1 - t0, examples.n_crops + sum(examples.n_slices.values()), t2 - t1, rates,
                   mem.group_peaks.get("driver", 0) / 2**20, mem.others_peak_bytes / 2**20, mem.peak_mb,
-                  len(examples.problems), cfg.jobs())
+                  len(examples.problems), cfg.jobs(), {t: b / 2**20 for t, b in mem.title_peaks.items()})
     return asdict(run)
 
 
@@ -182,6 +186,10 @@ def size_lines(run: SizeRun) -> list[str]:
              f"  cut {run.cut_examples} examples in {run.cut_s:.1f} s ({run.cut_examples / max(run.cut_s, 1e-9):.1f} "
              f"examples/s){f'; {run.problems} problems' if run.problems else ''}; trials "
              f"{run.train_s:.1f} s ({run.trained_examples / max(run.train_s, 1e-9):.1f} examples/s over all trials)"]
+    if run.process_peaks_mb:
+        largest = sorted(run.process_peaks_mb.items(), key=lambda kv: -kv[1])[:PROCESSES_SHOWN]
+        lines.append("  largest single processes, each at its own peak: "
+                     + ", ".join(f"{title} {mb:.0f} MB" for title, mb in largest))
     for job in run.jobs:
         own = [t for t in run.trials if t.job == job]
         examples, seconds = sum(t.examples for t in own), sum(t.seconds for t in own)
@@ -191,12 +199,21 @@ def size_lines(run: SizeRun) -> list[str]:
     return lines
 
 
+def largest_worker(run: SizeRun) -> tuple[str, float] | None:
+    """The Ray worker process (task or actor) with the largest own peak."""
+    workers = [(t, mb) for t, mb in run.process_peaks_mb.items() if t.startswith("ray::")]
+    return max(workers, key=lambda kv: kv[1]) if workers else None
+
+
 def growth_line(small: SizeRun, big: SizeRun) -> str:
     growth = memory_growth(small, big)
     verdict = "within" if growth <= MEMORY_TARGET else "over"
+    small_worker, big_worker = largest_worker(small), largest_worker(big)
+    worker = (f", largest Ray process {small_worker[1]:.0f} → {big_worker[1]:.0f} MB ({big_worker[0]})"
+              if small_worker and big_worker else "")
     return (f"memory {small.n_studies}→{big.n_studies}: {growth * 100:+.1f}% "
             f"({verdict} the {MEMORY_TARGET * 100:.0f} % target; total peak {small.total_peak_mb:.0f} → "
-            f"{big.total_peak_mb:.0f} MB, driver {small.driver_peak_mb:.0f} → {big.driver_peak_mb:.0f} MB)")
+            f"{big.total_peak_mb:.0f} MB, driver {small.driver_peak_mb:.0f} → {big.driver_peak_mb:.0f} MB{worker})")
 
 
 def main(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
