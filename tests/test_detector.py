@@ -183,6 +183,38 @@ def test_loss_finite_and_decreases():
     assert np.mean(losses[-5:]) < 0.6 * max(losses[:8]), losses
 
 
+def test_assigned_positives_keep_a_floor_target_when_every_box_has_regressed_to_nothing():
+    """The collapse seen in CV folds: each target has anchors assigned, but every predicted box has
+    CIoU 0 with it, so Ultralytics' targets are all 0, and the box and DFL losses (weighted by
+    them) with them. The floored assigner of our loss keeps a small target for those positives;
+    where boxes fit, its targets equal Ultralytics'."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    from lumbar_ray.models.detector import ASSIGNED_SCORE_FLOOR
+
+    torch.manual_seed(0)
+    criterion = make_loss_fn(build_detector(SAGITTAL_T2, imgsz=64)).criterion
+    ys, xs = torch.meshgrid(torch.arange(8) * 8 + 4.0, torch.arange(8) * 8 + 4.0, indexing="ij")
+    anchors = torch.stack([xs.flatten(), ys.flatten()], -1)  # 64 anchors on an 8 px grid
+    gt_boxes = torch.tensor([[[8.0, 8.0, 28.0, 28.0], [36.0, 36.0, 60.0, 60.0]]])
+    gt_labels, mask_gt = torch.tensor([[[1.0], [3.0]]]), torch.ones(1, 2, 1)
+    scores = torch.full((1, 64, 5), 1e-5)
+    nothing = torch.cat([anchors, anchors], -1)[None]  # every box of zero size at its anchor
+    fitting = gt_boxes[0, (anchors[:, 0] > 32).long()][None]  # each anchor's box: the target on its side
+    fitting_scores = scores.clone()
+    fitting_scores[..., 1], fitting_scores[..., 3] = 0.3, 0.3
+    for assigner in (TaskAlignedAssigner(topk=10, num_classes=5, alpha=0.5, beta=6.0), criterion.assigner):
+        labels, _, targets, fg, _ = assigner(scores, nothing, anchors, gt_labels, gt_boxes, mask_gt)
+        assert int(fg.sum()) > 0 and set(labels[fg].tolist()) <= {1, 3}  # some anchors are assigned
+        floored = assigner is criterion.assigner
+        assert float(targets.sum()) == pytest.approx(ASSIGNED_SCORE_FLOOR * int(fg.sum()) if floored else 0.0)
+    stock = TaskAlignedAssigner(topk=10, num_classes=5, alpha=0.5, beta=6.0)
+    healthy = stock(fitting_scores, fitting, anchors, gt_labels, gt_boxes, mask_gt)
+    ours = criterion.assigner(fitting_scores, fitting, anchors, gt_labels, gt_boxes, mask_gt)
+    assert float(healthy[2].sum()) > 1.0 and torch.equal(healthy[3], ours[3])
+    assert torch.allclose(healthy[2], ours[2])
+
+
 # ---------------------------------------------------------------- data geometry
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MODEL_YAML",
     "DetectionLoss",
     "build_detector",
+    "floor_assigned_scores",
     "detector_from_checkpoint",
     "import_ultralytics",
     "load_detector",
@@ -45,6 +46,15 @@ DEFAULT_IMGSZ = 256
 # Side of the square training box per series type, in millimetres (about one disc level high).
 DEFAULT_BOX_MM: dict[str, float] = {SAGITTAL_T1: 20.0, SAGITTAL_T2: 20.0, AXIAL_T2: 20.0}
 CHECKPOINT_FORMAT = "lumbar-ray-detector/1"
+# Ultralytics' task-aligned assigner gives each positive anchor the classification target
+# score^0.5 x CIoU^6, normalised per target by its best anchor's CIoU. When every candidate box of
+# every target has CIoU 0 (boxes regressed to nothing after an unstable step), every target is 0:
+# the box and DFL losses, weighted by those targets, vanish and the classification loss only
+# pushes scores down: a fixed point. Seen as a CV fold that detects nothing while its loss falls to
+# ~0.03 (the demo's Sagittal T1 fold 1; box and DFL loss exactly 0 with 159 anchors assigned). A
+# small floor on the assigned positives' targets keeps the box gradient, so training climbs out;
+# where the alignment is above it (every healthy positive) nothing changes.
+ASSIGNED_SCORE_FLOOR = 0.01
 
 
 def import_ultralytics():
@@ -136,11 +146,28 @@ class DetectionLoss:
         if self._loss is None or self._device != device:
             _, _, v8DetectionLoss, _ = import_ultralytics()
             self._loss, self._device = v8DetectionLoss(self.model), device
+            floor_assigned_scores(self._loss.assigner)
             self.loss_names = tuple(self._loss.loss_names)
         return self._loss
 
     def __call__(self, preds, batch):
         return self.criterion(preds, batch)
+
+
+def floor_assigned_scores(assigner, floor: float = ASSIGNED_SCORE_FLOOR):
+    """Make Ultralytics' ``TaskAlignedAssigner`` give every assigned positive at least ``floor``
+    as its class's target score (see :data:`ASSIGNED_SCORE_FLOOR`); returns the assigner. Wraps
+    the instance's ``_forward``, which ``forward`` calls (also image by image after a CUDA OOM)."""
+    inner = assigner._forward
+
+    def _forward(*args, **kwargs):
+        labels, bboxes, scores, fg_mask, gt_idx = inner(*args, **kwargs)
+        floored = torch.nn.functional.one_hot(labels.long(), scores.shape[-1]).to(scores.dtype)
+        floored = floored * fg_mask[..., None].to(scores.dtype) * floor
+        return labels, bboxes, torch.maximum(scores, floored), fg_mask, gt_idx
+
+    assigner._forward = _forward
+    return assigner
 
 
 def make_loss_fn(model: nn.Module) -> DetectionLoss:
