@@ -2,6 +2,8 @@
 record of its lines in docs/RESULTS.md. It continues a collapsed detector fit from its full state
 (weights, AdamW moments, EMA), as the CV trial would have gone on, for a few epochs with a given
 floor (0 = Ultralytics' assigner unchanged), and prints each epoch's losses and validation.
+First it prints what the assigner makes of 16 training slices in the collapsed state (EPOCHS 0:
+only that).
 
   python docs/experiments/collapsed_detector_resume.py EXAMPLES STATE FLOOR EPOCHS LR
   EXAMPLES: the run's example shards ({storage}/{version}/examples, kept while the run is live)
@@ -39,6 +41,27 @@ for group in fit.optimizer.param_groups:
 fit.scheduler.base_lrs = [lr] * len(fit.scheduler.base_lrs)
 fit.ema.ema.load_state_dict(state["ema"])
 val_loader = torch.utils.data.DataLoader(val, batch_size=16, shuffle=False, collate_fn=collate_detector)
+
+
+def assignment_on(model, images: int = 16) -> str:
+    """What the assigner makes of ``images`` training slices (un-augmented): anchors assigned,
+    the sum of their target scores, and the loss parts."""
+    plain = _as_dataset(ShardedSamples(manifest.root, SAGITTAL_T1, train_chunks), SAGITTAL_T1, 128, 20.0, False)
+    batch = collate_detector([plain[i] for i in range(0, len(plain), max(1, len(plain) // images))][:images])
+    seen = []
+    assigner = fit.loss_fn.criterion.assigner
+    inner = assigner._forward
+    assigner._forward = lambda *a, **k: seen.append(inner(*a, **k)) or seen[-1]
+    model.train()
+    with torch.no_grad():
+        _, parts = fit.loss_fn(model(batch["img"]), batch)
+    assigner._forward = inner
+    _, _, scores, fg, _ = seen[-1]
+    return (f"{len(batch['img'])} images, {batch['bboxes'].shape[0]} targets: {int(fg.sum())} anchors assigned, "
+            f"target score sum {float(scores.sum()):.3f}, " + ", ".join(f"{k} {float(v):.3f}" for k, v in parts.items()))
+
+
+print(f"floor {floor}, the collapsed state:", assignment_on(fit.model))
 start = time.time()
 for epoch in range(epochs):
     stats, _ = fit.run_epoch(epoch, precise_bn=True, val_loader=val_loader, validate=True)
