@@ -16,8 +16,9 @@ import torch
 
 import lumbar_ray.models.detector as det
 from lumbar_ray.targets import SAGITTAL_T1
-from lumbar_ray.training.detector_data import collate_detector
-from lumbar_ray.training.detector_fit import _as_dataset, _start_local_fit
+from lumbar_ray.training.detector_data import DetectorDataset, collate_detector
+# a one-off record: the fit object fit_detector builds inside, to load a trial's state into it
+from lumbar_ray.training.detector_fit import _start_local_fit
 from lumbar_ray.training.shard_data import fold_chunks
 from lumbar_ray.training.shards import Manifest, ShardedSamples
 
@@ -25,8 +26,10 @@ examples, state_path, floor, epochs, lr = sys.argv[1], sys.argv[2], float(sys.ar
 torch.set_num_threads(1)
 manifest = Manifest.read(examples)
 train_chunks, val_chunks = fold_chunks(manifest, 1)
-train = _as_dataset(ShardedSamples(manifest.root, SAGITTAL_T1, train_chunks), SAGITTAL_T1, 128, 20.0, True)
-val = _as_dataset(ShardedSamples(manifest.root, SAGITTAL_T1, val_chunks), SAGITTAL_T1, 128, 20.0, False)
+train = DetectorDataset.from_samples(ShardedSamples(manifest.root, SAGITTAL_T1, train_chunks), SAGITTAL_T1, imgsz=128,
+                                     box_mm=20.0, augment=True)
+val = DetectorDataset.from_samples(ShardedSamples(manifest.root, SAGITTAL_T1, val_chunks), SAGITTAL_T1, imgsz=128,
+                                   box_mm=20.0, augment=False)
 floored = det.floor_assigned_scores
 det.floor_assigned_scores = lambda assigner: floored(assigner, floor)  # read when the loss is built
 state = torch.load(state_path, weights_only=True)
@@ -46,7 +49,8 @@ val_loader = torch.utils.data.DataLoader(val, batch_size=16, shuffle=False, coll
 def assignment_on(model, images: int = 16) -> str:
     """What the assigner makes of ``images`` training slices (un-augmented): anchors assigned,
     the sum of their target scores, and the loss parts."""
-    plain = _as_dataset(ShardedSamples(manifest.root, SAGITTAL_T1, train_chunks), SAGITTAL_T1, 128, 20.0, False)
+    plain = DetectorDataset.from_samples(ShardedSamples(manifest.root, SAGITTAL_T1, train_chunks), SAGITTAL_T1,
+                                         imgsz=128, box_mm=20.0, augment=False)
     batch = collate_detector([plain[i] for i in range(0, len(plain), max(1, len(plain) // images))][:images])
     seen = []
     assigner = fit.loss_fn.criterion.assigner
