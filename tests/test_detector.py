@@ -203,12 +203,12 @@ def test_assigned_positives_keep_a_floor_target_when_every_box_has_regressed_to_
     fitting = gt_boxes[0, (anchors[:, 0] > 32).long()][None]  # each anchor's box: the target on its side
     fitting_scores = scores.clone()
     fitting_scores[..., 1], fitting_scores[..., 3] = 0.3, 0.3
-    for assigner in (TaskAlignedAssigner(topk=10, num_classes=5, alpha=0.5, beta=6.0), criterion.assigner):
+    stock = TaskAlignedAssigner(topk=10, num_classes=5, alpha=0.5, beta=6.0)
+    for assigner in (stock, criterion.assigner):
         labels, _, targets, fg, _ = assigner(scores, nothing, anchors, gt_labels, gt_boxes, mask_gt)
         assert int(fg.sum()) > 0 and set(labels[fg].tolist()) <= {1, 3}  # some anchors are assigned
         floored = assigner is criterion.assigner
         assert float(targets.sum()) == pytest.approx(ASSIGNED_SCORE_FLOOR * int(fg.sum()) if floored else 0.0)
-    stock = TaskAlignedAssigner(topk=10, num_classes=5, alpha=0.5, beta=6.0)
     healthy = stock(fitting_scores, fitting, anchors, gt_labels, gt_boxes, mask_gt)
     ours = criterion.assigner(fitting_scores, fitting, anchors, gt_labels, gt_boxes, mask_gt)
     assert float(healthy[2].sum()) > 1.0 and torch.equal(healthy[3], ours[3])

@@ -53,7 +53,7 @@ from lumbar_ray.dicom.errors import (
     SkippedFile,
     StudyNotFoundError,
 )
-from lumbar_ray.dicom.files import load_folder_slices
+from lumbar_ray.dicom.files import header_int, load_folder_slices
 from lumbar_ray.dicom.series import Series, Study, id_sort_key
 from lumbar_ray.dicom.series_types import (
     CONFIDENT_SOURCES,
@@ -309,20 +309,13 @@ def _decode_candidate(study: _StudyFolder, c: SeriesCandidate) -> tuple[Series |
     )
 
 
-def _series_number(c: SeriesCandidate) -> int | None:
-    try:
-        return int(c.stack[0].ds.get("SeriesNumber"))
-    except (TypeError, ValueError):
-        return None
-
-
 def _preference(c: SeriesCandidate) -> tuple:
     """Best first among one type's candidates: a confidently typed series, then the longer stack,
     then the later acquisition (the higher SeriesNumber: a sequence is repeated because the first
     run was degraded, by motion most often), then SeriesInstanceUID. The ties are broken by header
     values, never by the folder name, so a study read from disk (numbered folders) and from a PACS
     (folders named by UID) keeps the same series."""
-    number = _series_number(c)
+    number = header_int(c.stack[0].ds, "SeriesNumber")
     return (c.type_source not in CONFIDENT_SOURCES, -len(c.stack), number is None, -(number or 0),
             c.stack[0].series_uid or "", id_sort_key(c.series_id))
 
