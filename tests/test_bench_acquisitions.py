@@ -14,11 +14,14 @@ from lumbar_ray.bench.acquisitions import (
     axial_within_5mm_3d,
     detector_cv_table,
     format_scores,
+    get_args_parser,
     score_terms,
     slice_table,
+    training_config,
     verdicts,
     weighted_prior_terms,
 )
+from lumbar_ray.demo import DemoSizes
 from lumbar_ray.metrics.rsna import ALL
 from lumbar_ray.synth.protocols import AcquisitionPlan
 from lumbar_ray.synth.writer import synthesize
@@ -93,12 +96,25 @@ def test_detector_cv_table_from_the_card():
     assert detector_cv_table({"metrics": {}}).empty and axial_within_5mm_3d(detector_cv_table({})) is None
 
 
+def test_training_defaults_are_the_demos_and_flags_reach_the_config():
+    demo = DemoSizes()
+    cfg = training_config(get_args_parser().parse_args([]), "data", "registry")
+    assert (cfg.folds, cfg.detector.epochs, cfg.scorer.epochs, cfg.detector.imgsz, cfg.detector.val_every) == (
+        demo.folds, demo.detector_epochs, demo.scorer_epochs, demo.imgsz, demo.detector_val_every)
+    assert not cfg.final_fit
+    cfg = training_config(get_args_parser().parse_args(["--detector-epochs", "10", "--detector-val-every", "5",
+                                                        "--folds", "3"]), "data", "registry")
+    assert (cfg.folds, cfg.detector.epochs, cfg.detector.val_every) == (3, 10, 5)
+    with pytest.raises(ValueError, match="val_every"):
+        training_config(get_args_parser().parse_args(["--detector-val-every", "0"]), "data", "registry")
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_end_to_end_with_given_models(ray_runtime, tmp_path):
     import json
 
-    from lumbar_ray.bench.acquisitions import get_args_parser, main
+    from lumbar_ray.bench.acquisitions import main
 
     models = untrained_registry(tmp_path)
     printed: list[str] = []
