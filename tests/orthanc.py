@@ -88,6 +88,15 @@ class Orthanc:
         """A request to Orthanc's own REST API (e.g. ``/statistics``), authenticated."""
         return requests.get(f"{self.http_url}{path}", auth=(self.user, self.password), timeout=10, **kwargs)
 
+    def delete_study(self, study_uid: str) -> None:
+        """Remove a study (by StudyInstanceUID) through Orthanc's REST API."""
+        auth = (self.user, self.password)
+        found = requests.post(f"{self.http_url}/tools/lookup", data=study_uid, auth=auth, timeout=10)
+        found.raise_for_status()
+        for item in found.json():
+            if item.get("Type") == "Study":
+                requests.delete(f"{self.http_url}/studies/{item['ID']}", auth=auth, timeout=10).raise_for_status()
+
     def log_tail(self, n: int = 40) -> str:
         path = self.workdir / "orthanc.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""

@@ -30,6 +30,7 @@ from lumbar_ray.dicomweb.client import (
     DicomWebAuthError,
     DicomWebError,
     DicomWebRefusedError,
+    all_values,
     client_for,
     first_value,
     parse_multipart,
@@ -88,6 +89,22 @@ class _Answer:
 
         self.status_code, self.content, self.text, self.url = status, json.dumps(body).encode(), "", "x"
         self.reason, self.headers = "", {}
+
+
+def test_a_split_lists_studies_holding_mr_or_whose_modalities_are_unknown():
+    from lumbar_ray.dicomweb.fs import scored_study_uids
+
+    def study(uid, *modalities):
+        item = {"0020000D": {"vr": "UI", "Value": [uid]}}
+        if modalities:
+            item["00080061"] = {"vr": "CS", "Value": list(modalities)}
+        return item
+
+    listed, left_out = scored_study_uids([
+        study("1.1", "MR"), study("1.2", "MR", "SR"), study("1.3"), study("1.4", "CT"), study("1.5", "CR", "DX"),
+        study("1.6", "mr"), {"00080061": {"vr": "CS", "Value": ["MR"]}}])
+    assert listed == {"1.1", "1.2", "1.3", "1.6"}
+    assert left_out == {"1.4": "CT", "1.5": "CR/DX"}
 
 
 def test_a_refused_store_names_each_instance_and_why(monkeypatch):
@@ -184,9 +201,12 @@ def test_the_pacs_reads_like_the_folder(pacs, loaded):
     for local_id, uid in uids.items():
         want = read_study(str(root), local_id, split="test", descriptions=no_csv)
         got = read_study(pacs.root, uid, split="test")
-        assert got.study_id == uid and not got.skipped and set(got.series) == set(want.series)
-        # Every series, typed the same way (among two of one type and size, which one is "the"
-        # series follows the ids' order, and the ids differ: folder numbers vs UIDs).
+        assert got.study_id == uid and not got.skipped
+        # The same series of each type, though the ids differ (folder numbers vs UIDs): a tie
+        # between two series of one type and size goes by SeriesNumber, then SeriesInstanceUID.
+        assert ({t: s.series_instance_uid for t, s in got.series.items()}
+                == {t: s.series_instance_uid for t, s in want.series.items()})
+        # Every series, typed the same way.
         want_all = {s.series_instance_uid: s for s in want.all_series()}
         got_all = {s.series_instance_uid: s for s in got.all_series()}
         assert set(got_all) == set(want_all)
@@ -203,6 +223,37 @@ def test_the_pacs_reads_like_the_folder(pacs, loaded):
         read_study(pacs.root, "1.2.3.4.5", split="test")
     with pytest.raises(NotImplementedError, match="STOW-RS"):
         storage.open(storage.join(pacs.root, "test_images", "x.csv"), "wb")
+
+
+@pytest.mark.pacs
+def test_a_study_with_no_mr_series_is_left_out_of_the_listing_with_a_warning(pacs, loaded, caplog):
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from lumbar_ray.dicom.read import list_studies
+
+    root, uids, _, _, _ = loaded
+    client = client_for(pacs.root)
+    # The server computes ModalitiesInStudy: the filter below is not blind.
+    assert {first_value(s, "0020000D"): all_values(s, "00080061") for s in client.studies()} == {
+        uid: ["MR"] for uid in uids.values()}
+    # One image of a loaded study, made a CT image of a study of its own.
+    ct = pydicom.dcmread(sorted((root / "test_images").glob("*/*/*.dcm"))[0])
+    ct.Modality, ct.SOPClassUID = "CT", CTImageStorage
+    ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ct.file_meta.MediaStorageSOPClassUID, ct.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, ct.SOPInstanceUID
+    assert store_instances(pacs.root, [ct]) == 1
+    try:
+        assert ct.StudyInstanceUID in {first_value(s, "0020000D") for s in client.studies()}
+        with caplog.at_level("WARNING", logger="lumbar_ray.dicomweb.fs"):
+            assert list_studies(pacs.root, "test") == sorted(uids.values())
+        assert "1 studies left out, none of them holds an MR series (ModalitiesInStudy: CT 1)" in caplog.text
+        # Named explicitly, the study is still there to read (and is refused by the reader for
+        # what it is, not hidden).
+        assert storage.isdir(storage.join(pacs.root, "test_images", ct.StudyInstanceUID))
+    finally:
+        pacs.delete_study(ct.StudyInstanceUID)
+    assert list_studies(pacs.root, "test") == sorted(uids.values())
+    assert ct.StudyInstanceUID not in {first_value(s, "0020000D") for s in client.studies()}
 
 
 @pytest.mark.pacs

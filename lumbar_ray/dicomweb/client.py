@@ -70,6 +70,7 @@ TAG_STUDY_UID = "0020000D"
 TAG_SERIES_UID = "0020000E"
 TAG_SOP_UID = "00080018"
 TAG_MODALITY = "00080060"
+TAG_MODALITIES_IN_STUDY = "00080061"
 TAG_INSTANCE_NUMBER = "00200013"
 TAG_FAILED_SOPS = "00081198"
 TAG_REFERENCED_SOPS = "00081199"
@@ -134,6 +135,11 @@ def first_value(item: dict, tag: str) -> Any:
     """The first value of ``tag`` in a DICOM JSON object, or None."""
     values = (item.get(tag) or {}).get("Value") or []
     return values[0] if values else None
+
+
+def all_values(item: dict, tag: str) -> list[Any]:
+    """Every value of ``tag`` in a DICOM JSON object (a multi-valued attribute), or []."""
+    return list((item.get(tag) or {}).get("Value") or [])
 
 
 class _EnvAuth(requests.auth.AuthBase):
@@ -269,8 +275,10 @@ class DicomWebClient:
         self._get("studies", {"limit": "1"}, DICOM_JSON, what=what)
 
     def studies(self, study_uid: str | None = None) -> list[dict]:
+        """Studies with their ModalitiesInStudy (a server that does not compute it leaves it out)."""
         params = {"StudyInstanceUID": check_uid(study_uid, "study")} if study_uid else None
-        return self.search("studies", params, what="searching studies")
+        return self.search("studies", {**(params or {}), "includefield": TAG_MODALITIES_IN_STUDY},
+                           what="searching studies")
 
     def series(self, study_uid: str, series_uid: str | None = None) -> list[dict]:
         params = {"SeriesInstanceUID": check_uid(series_uid, "series")} if series_uid else None

@@ -15,7 +15,10 @@ the reader takes the instance number from the header (:mod:`lumbar_ray.dicom.fil
 of non-image modalities (structured reports, presentation states, key-object selections:
 :data:`NON_IMAGE_MODALITIES`; the reports ``export-sr`` stores back among them) are left out of a
 study's listing: they are not part of the images layout, and reading them would only add
-"not an image" notes to every study scored again.
+"not an image" notes to every study scored again. Likewise a study whose ModalitiesInStudy
+holds no MR (a CT, a radiograph; :data:`SCORED_MODALITIES`) is left out of a split's listing,
+with a warning that counts them by modality: scoring it would fetch every image only to find no
+lumbar MRI series. A study the server gives no ModalitiesInStudy for is listed.
 
 Reading: :meth:`DicomWebFileSystem.cat` groups the paths by series and fetches each series in one
 WADO-RS request (one request per instance when only a few of a series' instances are asked for).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -42,23 +46,28 @@ from fsspec import AbstractFileSystem
 from fsspec.utils import stringify_path
 
 from lumbar_ray.dicomweb.client import (
+    TAG_MODALITIES_IN_STUDY,
     TAG_MODALITY,
     TAG_SERIES_UID,
     TAG_SOP_UID,
     TAG_STUDY_UID,
     DicomWebClient,
+    all_values,
     first_value,
     http_base_url,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DicomWebFileSystem", "DicomWebsFileSystem", "Location", "NON_IMAGE_MODALITIES", "IMAGES_SUFFIX"]
+__all__ = ["DicomWebFileSystem", "DicomWebsFileSystem", "Location", "NON_IMAGE_MODALITIES", "SCORED_MODALITIES",
+           "IMAGES_SUFFIX", "scored_study_uids"]
 
 IMAGES_SUFFIX = "_images"
 DEFAULT_SPLIT = "test"  # what the root lists: the split `lumbar-ray score` reads by default
 # Modalities of series that hold no images (PS3.3 C.7.3.1.1.1).
 NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "DOC", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "AU", "ECG"})
+# A study is listed when its ModalitiesInStudy names one of these (the models read MR series only).
+SCORED_MODALITIES = frozenset({"MR"})
 INSTANCE_SUFFIX = ".dcm"
 _FETCH_THREADS = 4  # series fetched at once by one cat() over several series
 # Names of files a data root may hold (the descriptions CSV, labels): such a name under a service
@@ -125,6 +134,24 @@ def parse_path(path: str) -> Location:
     return Location("/".join(parts))
 
 
+def scored_study_uids(studies: list[dict]) -> tuple[set[str], dict[str, str]]:
+    """(StudyInstanceUIDs to list, {StudyInstanceUID: its modalities} of those left out) of a
+    QIDO-RS study search: a study is left out when its ModalitiesInStudy is given and names none
+    of :data:`SCORED_MODALITIES`."""
+    listed: set[str] = set()
+    left_out: dict[str, str] = {}
+    for item in studies:
+        uid = first_value(item, TAG_STUDY_UID)
+        if not uid:
+            continue
+        modalities = {str(m).upper() for m in all_values(item, TAG_MODALITIES_IN_STUDY) if m}
+        if modalities and not modalities & SCORED_MODALITIES:
+            left_out[uid] = "/".join(sorted(modalities))
+        else:
+            listed.add(uid)
+    return listed, left_out
+
+
 def _dir(name: str) -> dict[str, Any]:
     return {"name": name, "type": "directory", "size": 0}
 
@@ -171,8 +198,13 @@ class DicomWebFileSystem(AbstractFileSystem):
             self.info(loc.path())  # the service answers, or the error says why not
             return [_dir(f"{loc.base}/{DEFAULT_SPLIT}{IMAGES_SUFFIX}")]
         if loc.level == "split":
-            uids = {first_value(item, TAG_STUDY_UID) for item in client.studies()}
-            return [_dir(f"{loc.images()}/{uid}") for uid in sorted(u for u in uids if u)]
+            uids, left_out = scored_study_uids(client.studies())
+            if left_out:
+                counts = Counter(left_out.values())
+                log.warning("%s: %d studies left out, none of them holds an MR series (ModalitiesInStudy: %s)",
+                            loc.path(), len(left_out), ", ".join(f"{m} {n}" for m, n in sorted(counts.items())))
+                log.debug("%s: studies left out: %s", loc.path(), sorted(left_out))
+            return [_dir(f"{loc.images()}/{uid}") for uid in sorted(uids)]
         if loc.level == "study":
             found = client.series(loc.study)
             if not found and not client.studies(loc.study):
