@@ -227,6 +227,14 @@ def evaluate(
     typer.echo(text)
 
 
+_STUDY_WORKERS_HELP = "Studies read at once (threads; default 4): hides a PACS's or bucket's latency."
+
+
+def _study_workers(workers: int | None) -> dict:
+    # The default lives in lumbar_ray.outputs.parallel, which --help does not import.
+    return {} if workers is None else {"workers": workers}
+
+
 @app.command()
 def report(
     scores: str = typer.Option(..., help="Scoring output root."),
@@ -235,6 +243,7 @@ def report(
     study: Optional[list[str]] = typer.Option(None, help="Only this study (repeatable); default every scored study."),
     split: str = "test",
     model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
+    workers: Optional[int] = typer.Option(None, min=1, help=_STUDY_WORKERS_HELP),
 ) -> None:
     """HTML review: index.html (the worklist, highest priority first) and a page per study with its
     25 findings, flags and overlays (one PNG per series); self-contained, opens offline."""
@@ -242,7 +251,8 @@ def report(
     from lumbar_ray.outputs.html_report import write_html_report
 
     try:
-        result = write_html_report(scores, data, to, split=split, model_version=model_version, studies=study)
+        result = write_html_report(scores, data, to, split=split, model_version=model_version, studies=study,
+                                   **_study_workers(workers))
     except (UserError, ValueError) as exc:  # a version or study not in the output: one line, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exit_code_of(exc) or EXIT_USAGE) from None
@@ -305,6 +315,7 @@ def export_sr_cmd(
     split: str = typer.Option("test", help="Which split's images the rows point at."),
     model_version: Optional[str] = typer.Option(None, help="Which model version's rows (needed when several)."),
     study: Optional[list[str]] = typer.Option(None, help="Only this study (repeatable); default every scored study."),
+    workers: Optional[int] = typer.Option(None, min=1, help=_STUDY_WORKERS_HELP),
 ) -> None:
     """One DICOM Structured Report per study (TID 1500): the 25 findings with grade, probabilities
     and the point on the source image; patient and study identifiers from the source study.
@@ -317,11 +328,13 @@ def export_sr_cmd(
             from lumbar_ray.dicomweb import store_instances  # optional: only for a PACS target
 
             result = SRExport()
-            items = built_srs(study_srs(scores, data, split=split, model_version=model_version, studies=study), result)
+            items = built_srs(study_srs(scores, data, split=split, model_version=model_version, studies=study,
+                                        **_study_workers(workers)), result)
             stored = store_instances(to, (item.dataset for item in items))
             done = f"stored {stored} SRs in {to}"
         else:
-            result = export_srs(scores, data, to, split=split, model_version=model_version, studies=study)
+            result = export_srs(scores, data, to, split=split, model_version=model_version, studies=study,
+                                **_study_workers(workers))
             done = f"wrote {len(result.written)} SRs to {to}"
     except (UserError, ValueError) as exc:  # the user's to fix: one line, no traceback
         typer.echo(f"error: {exc}", err=True)

@@ -36,6 +36,7 @@ import pandas as pd
 from lumbar_ray import storage
 from lumbar_ray.dicom.errors import DicomReadError
 from lumbar_ray.outputs.overlays import GRADE_COLOURS, graded_rows, report_path, write_study_report
+from lumbar_ray.outputs.parallel import DEFAULT_STUDY_WORKERS, map_in_order
 from lumbar_ray.outputs.schema import FLAG_SEPARATOR
 from lumbar_ray.outputs.store import read_errors, select_scores
 from lumbar_ray.outputs.worklist import CONDITION_COLUMNS, failed_studies, read_worklist
@@ -426,6 +427,7 @@ def write_html_report(
     split: str = "test",
     model_version: str | None = None,
     studies: Sequence[str | int] | None = None,
+    workers: int = DEFAULT_STUDY_WORKERS,
 ) -> HtmlReport:
     """Write ``index.html``, a page per study and the overlays to ``to_dir``; return where they went.
 
@@ -433,6 +435,7 @@ def write_html_report(
     several, as for :func:`select_scores`). ``studies``: only these (each must have predictions,
     else ValueError naming those that do not); default every scored study. Overlays are read from
     ``data_root``/``split``; a study whose images cannot be read gets its page with the reason.
+    ``workers``: studies read and drawn at once (:func:`~lumbar_ray.outputs.parallel.map_in_order`).
     """
     frame = select_scores(scores, model_version)
     version = _version_of(frame, model_version)
@@ -450,15 +453,17 @@ def write_html_report(
         worklist = worklist[worklist["study_id"].isin(study_ids)]
     by_study = {sid: rows for sid, rows in frame.groupby("study_id", sort=False)}
 
-    pages = []
-    for sid in study_ids:
+    def one(sid: str) -> StudyPage:
         rows = by_study[sid]
         overlays, note = _draw_overlays(rows, data_root, sid, to_dir, split)
         page = StudyPage(sid, storage.join(to_dir, study_page_name(sid)), overlays, note)
         match = worklist[worklist["study_id"] == sid]
         html_text = render_study_page(sid, rows, page, match.iloc[0] if len(match) else None)
         storage.write_bytes(page.path, html_text.encode("utf-8"))
-        pages.append(page)
+        return page
+
+    # Each page reads its study's images: a few studies at a time hide the storage's latency.
+    pages = list(map_in_order(one, study_ids, workers))
 
     # Errors of a scored study (a skipped file, a failed try that a rerun scored) show in its
     # flags; the index lists the studies that have errors and no predictions, with their reasons.

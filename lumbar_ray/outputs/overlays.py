@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,11 @@ def _side_note(rows: pd.DataFrame, header: list[str], notes: list[str], flags: l
     return lines
 
 
+# Matplotlib is not thread-safe: the HTML report reads several studies at once
+# (outputs/parallel.py) but draws one figure at a time (drawing holds the GIL anyway).
+_DRAW_LOCK = threading.Lock()
+
+
 def _draw_series(study_id: str, series_type: str, series, rows: pd.DataFrame, by_id: dict[str, Any],
                  header: list[str], flags: list[str]) -> bytes:
     # heavy: matplotlib; imported only when a report is drawn
@@ -241,8 +247,9 @@ def write_study_report(
         if series is None:
             log.info("study %s has no %s series; no overlay drawn", study_id, series_type)
             continue
-        png = _draw_series(study_id, series_type, series, rows[rows["series_type"] == series_type],
-                           by_id, header, flags)
+        with _DRAW_LOCK:
+            png = _draw_series(study_id, series_type, series, rows[rows["series_type"] == series_type],
+                               by_id, header, flags)
         path = report_path(to_dir, study_id, series_type)
         storage.write_bytes(path, png)
         written.append(path)

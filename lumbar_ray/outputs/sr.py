@@ -51,6 +51,7 @@ from lumbar_ray.dicom.read import load_descriptions, read_study, require_split
 from lumbar_ray.dicom.series import id_sort_key
 from lumbar_ray.errors import StorageUnavailableError
 from lumbar_ray.outputs import sr_codes
+from lumbar_ray.outputs.parallel import DEFAULT_STUDY_WORKERS, map_in_order
 from lumbar_ray.outputs.schema import format_examples
 from lumbar_ray.outputs.store import select_scores
 from lumbar_ray.targets import PROBABILITY_COLUMNS, TARGET_BY_COLUMN, TARGETS
@@ -290,10 +291,12 @@ def study_srs(
     split: str = "test",
     model_version: str | None = None,
     studies: Iterable[str | int] | None = None,
+    workers: int = DEFAULT_STUDY_WORKERS,
 ) -> Iterator[StudySR]:
     """One :class:`StudySR` per study (``studies``, else every study of the scores, in study
-    order), built lazily. A study without its 25 rows, or whose source instances cannot be read,
-    yields its error (one line) instead of an SR. Checked at once, before any SR is built:
+    order), built lazily, ``workers`` studies at a time (:func:`map_in_order`). A study without
+    its 25 rows, or whose source instances cannot be read, yields its error (one line) instead
+    of an SR. Checked at once, before any SR is built:
     ValueError when the scores hold no predictions (of ``model_version``), DataLayoutError when
     ``data_root`` lacks the split."""
     frame = select_scores(scores, model_version)
@@ -305,28 +308,31 @@ def study_srs(
         raise ValueError("scores need a model_version column: every SR names its model version")
     require_split(data_root, split)
     wanted = sorted(set(frame["study_id"]), key=id_sort_key) if studies is None else list(dict.fromkeys(map(str, studies)))
-    return _each_study(frame, data_root, split, model_version, wanted)
+    return _each_study(frame, data_root, split, model_version, wanted, workers)
 
 
 def _each_study(frame: pd.DataFrame, data_root, split: str, model_version: str | None,
-                wanted: list[str]) -> Iterator[StudySR]:
+                wanted: list[str], workers: int) -> Iterator[StudySR]:
     descriptions = load_descriptions(data_root, split)
     by_study = dict(tuple(frame.groupby("study_id", sort=False)))
-    for study_id in wanted:
+
+    def one(study_id: str) -> StudySR:
         rows = by_study.get(study_id)
         if rows is None:
-            yield StudySR(study_id, error=f"study {study_id}: no predictions"
-                          + (f" of model version {model_version!r}" if model_version else "") + " in the scores")
-            continue
+            return StudySR(study_id, error=f"study {study_id}: no predictions"
+                           + (f" of model version {model_version!r}" if model_version else "") + " in the scores")
         try:
             _check_rows(study_id, rows)
             sources = load_sources(data_root, study_id, rows, split, descriptions)
-            yield StudySR(study_id, dataset=build_study_sr(rows, sources))
+            return StudySR(study_id, dataset=build_study_sr(rows, sources))
         except (SRSourceError, DicomReadError, StorageUnavailableError) as exc:
             message = " ".join(str(exc).split())
             log.warning("no SR for study %s: %s", study_id, message)
-            yield StudySR(study_id, error=message if study_id in message else f"study {study_id}: {message}",
-                          transient=isinstance(exc, StorageUnavailableError))
+            return StudySR(study_id, error=message if study_id in message else f"study {study_id}: {message}",
+                           transient=isinstance(exc, StorageUnavailableError))
+
+    # The sources of the next few studies are read while this one is written or stored.
+    yield from map_in_order(one, wanted, workers)
 
 
 def built_srs(items: Iterable[StudySR], result: SRExport) -> Iterator[StudySR]:
@@ -349,11 +355,12 @@ def export_srs(
     split: str = "test",
     model_version: str | None = None,
     studies: Iterable[str | int] | None = None,
+    workers: int = DEFAULT_STUDY_WORKERS,
 ) -> SRExport:
     """Write ``{to_dir}/{study_id}.dcm`` for each study of :func:`study_srs` (local folder or
     URL, each file written whole); studies without an SR are listed in ``failed``, never dropped."""
     result = SRExport()
-    items = study_srs(scores, data_root, split=split, model_version=model_version, studies=studies)
+    items = study_srs(scores, data_root, split=split, model_version=model_version, studies=studies, workers=workers)
     for item in built_srs(items, result):
         result.written.append(storage.write_bytes(sr_path(to_dir, item.study_id), sr_bytes(item.dataset)))
     log.info("wrote %d SRs to %s; %d studies without one", len(result.written), os.fspath(to_dir), len(result.failed))
