@@ -266,3 +266,28 @@ def test_trained_run_reports_the_end_to_end_figure_first(trained):
     overall = table[table["group"] == "all"].set_index("model")["rsna_log_loss"]
     print(f"\nend to end (uncalibrated / calibrated): {overall[END_TO_END]:.4f} / {overall[END_TO_END + CALIBRATED]:.4f}; "
           f"at the labelled points: {overall[AT_LABELLED_POINTS]:.4f}; detected share {e2e['detected_share']:.2f}")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_end_to_end_pass_that_fails_gives_its_reason_not_an_exception(ray_runtime, synthetic_root, tmp_path):
+    """A fold's models that do not load (here: no artefacts at all) make every task raise; the
+    pass returns why, so that run_training still publishes the version and the card says why
+    it has no end-to-end figure."""
+    from lumbar_ray.config import TrainConfig
+    from lumbar_ray.dicom.read import list_studies
+    from lumbar_ray.training.cv_metrics import end_to_end_card
+    from lumbar_ray.training.end_to_end import end_to_end_oof
+
+    studies = sorted(list_studies(str(synthetic_root), "train"))[:4]
+    labels = _labels(4).assign(study_id=lambda f: f["study_id"].map(dict(zip(range(100, 104), studies))))
+    folds = _folds(labels)
+    cfg = TrainConfig(data=str(synthetic_root), registry=str(tmp_path / "registry"))
+    printed: list[str] = []
+    result = end_to_end_oof(cfg, labels, folds, str(tmp_path / "no-artifacts"), echo=printed.append)
+    assert not result.available and result.skipped.startswith("failed: ")
+    print(f"\nend-to-end pass: {result.skipped}")
+    assert "no-artifacts" in result.skipped  # the missing file is named
+    assert any("WARNING: end-to-end out-of-fold CV failed" in line and "published without it" in line
+               for line in printed)
+    assert end_to_end_card(result, pd.DataFrame()) == {"skipped": result.skipped}

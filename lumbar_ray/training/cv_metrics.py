@@ -157,8 +157,8 @@ def headline_line(table: pd.DataFrame) -> str:
     diagnostic = (f"DeepScoreNet at the labelled points (diagnostic, not what scoring gives): "
                   f"{score[AT_LABELLED_POINTS]:.4f}" if AT_LABELLED_POINTS in score else "")
     if END_TO_END not in score:
-        return "; ".join(filter(None, ["out-of-fold RSNA score end to end: not computed (needs the detectors and "
-                                       "DeepScoreNet in one run)", diagnostic]))
+        return "; ".join(filter(None, ["out-of-fold RSNA score end to end: not computed (the report's "
+                                       "'End-to-end out-of-fold CV skipped' line says why)", diagnostic]))
     return "; ".join(filter(None, [
         f"HEADLINE out-of-fold RSNA score end to end (detectors -> crops at their detections -> DeepScoreNet -> "
         f"calibration): {score[END_TO_END + CALIBRATED]:.4f} (uncalibrated {score[END_TO_END]:.4f}; lower is "
