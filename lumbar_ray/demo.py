@@ -113,7 +113,8 @@ def ensure_champion(data: Path, registry: Path, sizes: DemoSizes, seed: int, ste
     step(f"training {', '.join(cfg.jobs())} with {cfg.folds}-fold CV on Ray (folds in parallel)")
     outcome = run_training(cfg, echo=lambda m: step(m))
     echo(outcome.report)
-    step(headline_line(outcome.metric_table))  # the end-to-end figure first, the labelled-point one named a diagnostic
+    # the end-to-end figure first (or why there is none), the labelled-point one named a diagnostic
+    step(outcome.headline or headline_line(outcome.metric_table))
     pin_champion(reg, outcome.version, reason="demo", by="demo")  # through the promotion lock, and recorded
     step(f"registry version {outcome.version} is the champion: {registry}/versions/{outcome.version}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -333,6 +334,40 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     assert reasons["absurd.dcm"].error_type == "AbsurdImageSizeError"
     assert "sub" in reasons
     assert all(s.reason for s in series.skipped)
+
+
+def test_files_read_on_many_threads_keep_their_own_verdicts(tmp_path):
+    """export-sr and report read studies on threads (outputs/parallel.py): one file's end-of-file
+    warning must never be lost (a truncated file accepted) nor land on another (a good file
+    refused)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydicom.uid import RLELossless
+
+    # Encapsulated pixel data cut before its delimiter: pydicom warns ("End of file reached
+    # before delimiter") instead of raising, and the reader turns the warning into the error.
+    files = _series(tmp_path / "s", n=4, transfer_syntax=RLELossless)
+    good = Path(files[0]).read_bytes()
+    cut = tmp_path / "cut_pixels.dcm"
+    cut.write_bytes(good[:-100])
+    paths = [*files, str(cut)] * 40
+
+    def verdict(path):
+        try:
+            read_image(path)
+            return "read"
+        except TruncatedDicomError:
+            return "truncated"
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, as they would on slow storage
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            verdicts = list(pool.map(verdict, paths))
+    finally:
+        sys.setswitchinterval(interval)
+    assert verdicts == ["truncated" if p == str(cut) else "read" for p in paths]
+    assert verdict(files[0]) == "read" and verdict(str(cut)) == "truncated"  # and no filter left behind
 
 
 def test_nothing_readable_is_a_typed_error(tmp_path):

@@ -134,7 +134,9 @@ def test_scorer_metrics_put_end_to_end_first_with_baselines_on_its_rows():
     # only the labelled points (a run without detectors): named as a diagnostic, no headline figure
     only_points, _ = scorer_metrics(points, labels, folds)
     assert set(only_points["evaluated_on"]) == {ON_LABELLED_POINTS}
-    assert "not computed" in headline_line(only_points)
+    assert "not computed (needs the detectors and DeepScoreNet" in headline_line(only_points)
+    failed = headline_line(only_points, "failed: FileNotFoundError: scorer.pt")
+    assert "not computed (failed: FileNotFoundError: scorer.pt)" in failed and "labelled points (diagnostic" in failed
 
 
 def test_calibration_is_cross_fitted_on_the_detections_and_leaves_the_fallback_alone():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -59,6 +60,13 @@ _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT",
 # Parsing
 
 
+# warnings.catch_warnings swaps the process-wide warning filters (not thread-safe before Python
+# 3.14): files read on several threads (export-sr, report: outputs/parallel.py) would lose or
+# swap each other's end-of-file warnings, i.e. accept a truncated file or refuse a good one.
+# Parsing holds the GIL anyway; the reads from storage stay parallel.
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _parse(data: bytes, path: str) -> Dataset:
     """Parse a whole file (PixelData stays raw bytes); typed errors for non-DICOM/truncation."""
     if len(data) == 0:
@@ -72,7 +80,7 @@ def _parse(data: bytes, path: str) -> Dataset:
 
 def _dcmread(data: bytes, path: str, has_marker: bool) -> Dataset:
     """pydicom's parse, with its failures and its end-of-file warnings turned into typed errors."""
-    with warnings.catch_warnings(record=True) as caught:
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_marker)
@@ -217,7 +225,7 @@ def _pixel_array(ds: Dataset, path: str) -> np.ndarray:
             raise UnsupportedPixelDataError(
                 path, f"no installed plugin decodes {tsyntax.name} (install pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
             )
-    with warnings.catch_warnings():
+    with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return ds.pixel_array

@@ -3,7 +3,12 @@
 Each study's SR or page starts by reading the study from storage (a bucket, a PACS over
 DICOMweb), which is mostly waiting on the network; threads overlap that wait. Results come back
 in input order and at most ``workers`` studies are in flight, so memory stays that of a few
-studies however many there are, and an export that stops part-way has written a prefix.
+studies however many there are. What ``fn`` itself writes (the report's pages) may run up to
+``workers - 1`` studies ahead of the results consumed.
+
+The threads share the process: what they call must be thread-safe. The DICOM reader serialises
+its warning capture (:mod:`lumbar_ray.dicom.files`), the overlays draw one figure at a time, and
+fsspec gives each thread its own instance of a non-async file system (a DICOMweb client each).
 """
 
 from __future__ import annotations
@@ -37,15 +42,17 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int = DEFAUL
         return
     source = iter(items)
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="study-output") as pool:
-        try:
-            for item in source:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= workers:
-                    yield pending.popleft().result()
-            while pending:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="study-output")
+    finished = False
+    try:
+        for item in source:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
                 yield pending.popleft().result()
-        finally:
-            # A consumer that stops early (or an error): cancel what has not started.
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+        finished = True
+    finally:
+        # A consumer that stops early, an error or Ctrl-C: what has not started never starts, and
+        # the caller does not wait for the studies in flight (they finish in the background).
+        pool.shutdown(wait=finished, cancel_futures=True)

@@ -51,6 +51,7 @@ class TrainingOutcome:
     report: str
     problems: list[str]
     artifacts: str  # {storage}/{version}/artifacts: per (job, fold) weights, OOF and history.json
+    headline: str = ""  # the card's headline line: the end-to-end figure, or why there is none
 
 
 @dataclass
@@ -136,4 +137,4 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
     # under {storage}/{version}/examples (a rerun of that version cuts them afresh)
     remove_examples(examples.root)
     return TrainingOutcome(paths.version, cfg.registry, metrics.scorer_table, metrics.detector_table, trials,
-                           report, examples.problems, paths.artifacts)
+                           report, examples.problems, paths.artifacts, metrics.card.get("headline", ""))

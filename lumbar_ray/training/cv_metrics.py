@@ -148,17 +148,18 @@ def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.Data
     return table, pd.DataFrame(per_fold)
 
 
-def headline_line(table: pd.DataFrame) -> str:
+def headline_line(table: pd.DataFrame, end_to_end_skipped: str | None = None) -> str:
     """One line naming the run's headline figure (end to end, out of fold) before the labelled-point
-    diagnostic, from a :func:`scorer_metrics` table."""
+    diagnostic, from a :func:`scorer_metrics` table; ``end_to_end_skipped``: why there is no
+    end-to-end figure, when there is none."""
     if table.empty or "evaluated_on" not in table:
         return "out-of-fold RSNA score: none (the run trained no DeepScoreNet)"
     score = table[table["group"] == ALL].set_index("model")["rsna_log_loss"]
     diagnostic = (f"DeepScoreNet at the labelled points (diagnostic, not what scoring gives): "
                   f"{score[AT_LABELLED_POINTS]:.4f}" if AT_LABELLED_POINTS in score else "")
     if END_TO_END not in score:
-        return "; ".join(filter(None, ["out-of-fold RSNA score end to end: not computed (the report's "
-                                       "'End-to-end out-of-fold CV skipped' line says why)", diagnostic]))
+        why = end_to_end_skipped or "needs the detectors and DeepScoreNet in one run"
+        return "; ".join(filter(None, [f"out-of-fold RSNA score end to end: not computed ({why})", diagnostic]))
     return "; ".join(filter(None, [
         f"HEADLINE out-of-fold RSNA score end to end (detectors -> crops at their detections -> DeepScoreNet -> "
         f"calibration): {score[END_TO_END + CALIBRATED]:.4f} (uncalibrated {score[END_TO_END]:.4f}; lower is "
@@ -277,7 +278,7 @@ def _add_scorer_metrics(metrics: CvMetrics, oof: pd.DataFrame, end_to_end: EndTo
     for name, (frame, title) in plots.items():
         plot_confusion_matrices(frame, str(out_dir / name), title=title)
         metrics.files[name] = out_dir / name
-    metrics.card["headline"] = headline_line(table)
+    metrics.card["headline"] = headline_line(table, end_to_end.skipped)
     metrics.card["end_to_end"] = end_to_end_card(end_to_end, table)
     metrics.card["scorer"] = table.to_dict(orient="records")
     metrics.card["scorer_per_fold"] = per_fold.to_dict(orient="records")

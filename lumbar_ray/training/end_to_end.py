@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import ray
 
 from lumbar_ray.config import SCORER, TrainConfig, series_type_of_job
 from lumbar_ray.metrics.rsna import LABEL_COLUMNS, prior_baseline, weighted_prior_from_card
@@ -117,11 +118,11 @@ def end_to_end_frame(predictions: pd.DataFrame, failed: Sequence[str], labels: p
 
 
 def end_to_end_failure(exc: BaseException) -> str:
-    """Why the end-to-end pass has no figure, in one line: the exception's type and first line
-    (a Ray task error's message starts with the remote traceback's heading; its cause is last)."""
+    """Why the end-to-end pass has no figure, in one line: the type and first line of what was
+    raised (for a Ray task error, of the exception raised in the task, not its traceback)."""
     cause = getattr(exc, "cause", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"failed: {type(cause).__name__}: {(lines[-1] if lines else 'no message')[:300]}"
+    return f"failed: {type(cause).__name__}: {(lines[0] if lines else 'no message')[:300]}"
 
 
 def end_to_end_oof(cfg: TrainConfig, labels: pd.DataFrame, folds_frame: pd.DataFrame, artifacts: str,
@@ -137,8 +138,8 @@ def end_to_end_oof(cfg: TrainConfig, labels: pd.DataFrame, folds_frame: pd.DataF
     fold_ids = sorted(int(f) for f in folds_frame["fold"].unique())
     resources = plan_tasks(int(folds_frame["fold"].value_counts().max()), len(fold_ids), cfg.resources.use_gpu)
     priors = {fold: fold_priors(labels, folds_frame, fold) for fold in fold_ids}
+    pending = []
     try:
-        pending = []
         for fold in fold_ids:
             studies = folds_frame.loc[folds_frame["fold"] == fold, "study_id"].astype(str).tolist()
             pending += submit_scoring(fold_bundle_loader(cfg, artifacts, fold, priors[fold]), cfg.data, studies,
@@ -152,6 +153,11 @@ def end_to_end_oof(cfg: TrainConfig, labels: pd.DataFrame, folds_frame: pd.DataF
         # the evaluation pass: the version is published with this reason in place of the
         # figure (card, report), and the traceback is logged.
         log.exception("end-to-end out-of-fold CV failed")
+        for chunk in pending:  # the other tasks would keep holding CPUs and GPUs for nothing
+            try:
+                ray.cancel(chunk.ref)
+            except Exception:  # noqa: BLE001 - a task that already ended cannot be cancelled
+                pass
         reason = end_to_end_failure(exc)
         echo(f"[train] WARNING: end-to-end out-of-fold CV {reason}; the version is published without it")
         return EndToEndOof(skipped=reason, seconds=time.time() - started)
