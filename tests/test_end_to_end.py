@@ -149,15 +149,40 @@ def test_calibration_is_cross_fitted_on_the_detections_and_leaves_the_fallback_a
     undetected = ~e2e["detected"]
     np.testing.assert_allclose(calibrated.loc[undetected, PROBS].to_numpy(float), e2e.loc[undetected, PROBS].to_numpy(float))
     assert not np.allclose(calibrated.loc[~undetected, PROBS].to_numpy(float), e2e.loc[~undetected, PROBS].to_numpy(float))
-    # fold 0's calibrated rows do not depend on fold 0's own labels (no leakage)
-    flipped = e2e.copy()
-    in0 = flipped["fold"] == 0
-    flipped.loc[in0, "label"] = (flipped.loc[in0, "label"] + 1) % 3
-    again = cross_fitted_end_to_end(flipped, points)
-    np.testing.assert_allclose(again.loc[in0, PROBS].to_numpy(float), calibrated.loc[in0, PROBS].to_numpy(float))
+    # a study's calibrated rows do not depend on its own labels (no leakage), nor on another
+    # fold's (each fold is another model): only on the other half of its own fold's studies
+    first = sorted(e2e.loc[e2e["fold"] == 0, "study_id"].unique())[0]
+    for changed in (e2e["study_id"] == first, e2e["fold"] == 1):
+        flipped = e2e.copy()
+        flipped.loc[changed, "label"] = (flipped.loc[changed, "label"] + 1) % 3
+        again = cross_fitted_end_to_end(flipped, points)
+        unchanged = e2e["study_id"] == first
+        np.testing.assert_allclose(again.loc[unchanged, PROBS].to_numpy(float),
+                                   calibrated.loc[unchanged, PROBS].to_numpy(float))
     # the shipped temperatures: from the detections; an overconfident grader gets T > 1
     temps, fitted_on = shipped_temperatures(points, e2e)
     assert set(fitted_on.values()) == {ON_END_TO_END} and all(t > 1.2 for t in temps.values())
+
+
+def test_each_fold_model_is_calibrated_with_its_own_temperatures():
+    """Two folds, two models: one overconfident, one underconfident. Scaling either with the
+    other's temperature (or a pooled one) is worse than its own; the within-fold fit gains."""
+    from lumbar_ray.training.cv_metrics import _calibration_summary
+
+    rng = np.random.default_rng(8)
+    labels = _labels(80, seed=8)
+    folds = _folds(labels, k=2)
+    sharp = _end_to_end(labels, folds, rng, sharpen=3.0, detected_share=1.0)
+    soft = _end_to_end(labels, folds, rng, sharpen=0.4, detected_share=1.0)
+    e2e = pd.concat([sharp[sharp["fold"] == 0], soft[soft["fold"] == 1]], ignore_index=True)
+    points = e2e.iloc[:0].drop(columns=["detected", "failed"])
+    own = {fold: shipped_temperatures(points, e2e, fold=fold)[0] for fold in (0, 1)}
+    assert all(t > 1.2 for t in own[0].values()) and all(t < 0.8 for t in own[1].values())
+    pooled = shipped_temperatures(points, e2e)[0]
+    assert all(own[1][c] < pooled[c] < own[0][c] for c in pooled)
+    before = _calibration_summary(e2e)["rsna_score"]
+    after = _calibration_summary(cross_fitted_end_to_end(e2e, points))["rsna_score"]
+    assert after < before - 0.05
 
 
 def test_shipped_temperatures_fall_back_to_the_labelled_points_per_condition():

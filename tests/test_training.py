@@ -84,8 +84,12 @@ def test_metrics_table_has_model_and_both_baselines_on_same_rows(trained):
     overall = table[table["group"] == "all"]  # each row set (end to end, labelled points): all models on the same rows
     assert (overall.groupby("evaluated_on")["n"].nunique() == 1).all() and (overall["n"] > 0).all()
     # temperatures per condition in the card, with the out-of-fold score and ECE before/after
-    calibration = ModelRegistry(trained.registry).manifest(trained.version)["calibration"]
-    assert set(calibration["temperatures"]) == {t.condition.slug for t in TARGETS}
+    manifest = ModelRegistry(trained.registry).manifest(trained.version)
+    calibration = manifest["calibration"]
+    # fitted on the shipped DeepScoreNet's own fold (no final fit here): its 4 studies give 20
+    # rows per condition, too few for a temperature (MIN_CALIBRATION_ROWS), so none ships
+    assert calibration["fitted_on_folds"].startswith(manifest["shipped_folds"]["scorer"])
+    assert set(calibration["temperatures"]) <= {t.condition.slug for t in TARGETS}
     assert all(TEMPERATURE_BOUNDS[0] <= v <= TEMPERATURE_BOUNDS[1] for v in calibration["temperatures"].values())
     assert {"rsna_score", "ece"} <= set(calibration["oof_before"]) == set(calibration["oof_after_cross_fitted"])
     assert "detector_sagittal_t2_stir" in set(trained.detector_table["detector"])

@@ -123,7 +123,7 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = log.info) -> Tr
     with tempfile.TemporaryDirectory(prefix="lumbar-ray-train-") as scratch:
         out_dir = Path(scratch)
         metrics = collect_cv_metrics(cfg.jobs(), data.labels, data.folds, paths.artifacts, out_dir, paths.version,
-                                     end_to_end=end_to_end)
+                                     end_to_end=end_to_end, final_fit=cfg.final_fit)
         shipped = shipped_folds(cfg, metrics, sorted(data.folds["fold"].unique().tolist()))
         if not cfg.final_fit:
             echo("[train] no final fit: shipping each model's best-validated fold: "

@@ -6,7 +6,7 @@ of each model validated best."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from lumbar_ray.metrics.rsna import (
 )
 from lumbar_ray.storage import filesystem_for
 from lumbar_ray.targets import PROBABILITY_COLUMNS, TARGET_BY_COLUMN
-from lumbar_ray.training.artifacts import OOF_FILE, fold_dir
+from lumbar_ray.training.artifacts import OOF_FILE, fold_dir, fold_name
 from lumbar_ray.training.end_to_end import EndToEndOof
 
 PROBS = list(PROBABILITY_COLUMNS)
@@ -55,14 +55,18 @@ def _fit_enough(frame: pd.DataFrame) -> dict[str, float]:
     return fit_temperatures(labelled[conditions.isin(enough)]) if enough else {}
 
 
-def shipped_temperatures(labelled_points: pd.DataFrame, end_to_end: pd.DataFrame | None = None
-                         ) -> tuple[dict[str, float], dict[str, str]]:
+def shipped_temperatures(labelled_points: pd.DataFrame, end_to_end: pd.DataFrame | None = None,
+                         fold: int | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """({condition: temperature}, {condition: which predictions it was fitted on}). Fitted on the
     end-to-end predictions at the detections (``detected`` rows: the rows scoring applies the
     temperatures to; the fallback rows are never scaled), since a crop at a detection is off the
     labelled point and the grader is calibrated differently there; a condition with too few such
     rows falls back to the fit at the labelled points, and one with too few of those too gets none
-    (:data:`MIN_CALIBRATION_ROWS`)."""
+    (:data:`MIN_CALIBRATION_ROWS`). ``fold``: only that fold's rows, i.e. the predictions of the
+    one model that ships (without a final fit), never another fold's model's."""
+    if fold is not None:
+        labelled_points = _in_fold(labelled_points, fold)
+        end_to_end = _in_fold(end_to_end, fold) if end_to_end is not None else None
     temperatures = _fit_enough(labelled_points) if len(labelled_points) else {}
     fitted_on = {c: ON_LABELLED_POINTS for c in temperatures}
     if end_to_end is not None and len(end_to_end):
@@ -72,39 +76,63 @@ def shipped_temperatures(labelled_points: pd.DataFrame, end_to_end: pd.DataFrame
     return dict(sorted(temperatures.items())), dict(sorted(fitted_on.items()))
 
 
-def cross_fitted_end_to_end(end_to_end: pd.DataFrame, labelled_points: pd.DataFrame) -> pd.DataFrame:
-    """The end-to-end frame calibrated as scoring would be, honestly: each fold's detected rows
-    scaled by :func:`shipped_temperatures` fitted on the *other* folds' rows only (the fallback
-    rows are left as they are, as scoring leaves them). A single fold is returned uncalibrated."""
-    out = end_to_end.copy()
+def _in_fold(frame: pd.DataFrame, fold: int) -> pd.DataFrame:
+    return frame[frame["fold"] == fold] if len(frame) and "fold" in frame else frame.iloc[0:0]
+
+
+def _half_of_each_fold(frame: pd.DataFrame) -> pd.Series:
+    """0 or 1 per row: each fold's studies, in id order, alternately in one half or the other."""
+    half = pd.Series(0, index=frame.index, dtype=np.int64)
+    for _, part in frame.groupby("fold"):
+        studies = sorted(part["study_id"].unique())
+        which = {s: i % 2 for i, s in enumerate(studies)}
+        half.loc[part.index] = part["study_id"].map(which).to_numpy()
+    return half
+
+
+def _within_fold_calibrated(frame: pd.DataFrame, fit: Callable[[pd.Series], dict[str, float]],
+                            scaled: pd.Series) -> pd.DataFrame:
+    """``frame`` with the ``scaled`` rows of each half of each fold calibrated with ``fit(rows of
+    the other half of that fold)``: temperatures of the fold's own model, fitted on studies other
+    than the ones they are scored on."""
+    out = frame.copy()
     out[PROBS] = out[PROBS].astype(np.float64)
-    folds = sorted(out["fold"].unique())
-    if len(folds) < 2:
-        return out
-    detected = out["detected"].astype(bool)
-    for fold in folds:
-        temps, _ = shipped_temperatures(labelled_points[labelled_points["fold"] != fold] if len(labelled_points)
-                                        else labelled_points, out[(out["fold"] != fold)])
-        rows = detected & (out["fold"] == fold)
-        if rows.any():
-            out.loc[rows, PROBS] = calibrate_frame(end_to_end[rows], temps)[PROBS].to_numpy()
+    half = _half_of_each_fold(frame)
+    for fold in sorted(frame["fold"].unique()):
+        for h in (0, 1):
+            rows = scaled & (frame["fold"] == fold) & (half == h)
+            if rows.any():
+                temps = fit((frame["fold"] == fold) & (half != h))
+                out.loc[rows, PROBS] = calibrate_frame(frame[rows], temps)[PROBS].to_numpy()
     return out
+
+
+def cross_fitted_end_to_end(end_to_end: pd.DataFrame, labelled_points: pd.DataFrame) -> pd.DataFrame:
+    """The end-to-end frame calibrated as scoring would be, honestly: each fold's model is
+    calibrated with its own temperatures (:func:`shipped_temperatures` of its own fold), and
+    each half of the fold's validation studies is scaled by the fit on the other half, never on
+    its own labels. The fallback rows are left as they are, as scoring leaves them.
+
+    Why within the fold: each fold is a different model, and their temperatures differ (on 200
+    studies spinal stenosis wanted 0.40 on one fold and 1.49 on the other): one fold's
+    temperature applied to another fold's model made the score worse than none."""
+    def fit(rows: pd.Series) -> dict[str, float]:
+        studies = set(end_to_end.loc[rows, "study_id"].astype(str))  # one half of one fold
+        points = (labelled_points[labelled_points["study_id"].astype(str).isin(studies)]
+                  if len(labelled_points) else labelled_points)
+        return shipped_temperatures(points, end_to_end[rows])[0]
+
+    return _within_fold_calibrated(end_to_end, fit, end_to_end["detected"].astype(bool))
 
 
 def cross_fitted_at_points(labelled_points: pd.DataFrame) -> pd.DataFrame:
-    """The labelled-point frame calibrated honestly: each fold's rows scaled by
-    :func:`shipped_temperatures` of the other folds' rows only (what a run without detectors
-    ships). A single fold is returned uncalibrated."""
-    out = labelled_points.copy()
-    out[PROBS] = out[PROBS].astype(np.float64)
-    folds = sorted(out["fold"].unique())
-    if len(folds) < 2:
-        return out
-    for fold in folds:
-        temps, _ = shipped_temperatures(labelled_points[labelled_points["fold"] != fold])
-        rows = out["fold"] == fold
-        out.loc[rows, PROBS] = calibrate_frame(labelled_points[rows], temps)[PROBS].to_numpy()
-    return out
+    """The labelled-point frame calibrated honestly, as :func:`cross_fitted_end_to_end` does:
+    each half of a fold's studies scaled by the temperatures fitted on the other half of that
+    fold (what a run without detectors ships)."""
+    if not len(labelled_points):
+        return labelled_points.copy()
+    return _within_fold_calibrated(labelled_points, lambda rows: shipped_temperatures(labelled_points[rows])[0],
+                                   pd.Series(True, index=labelled_points.index))
 
 
 def comparison_frames(name: str, frame: pd.DataFrame, calibrated: pd.DataFrame, labels: pd.DataFrame,
@@ -205,11 +233,16 @@ def best_folds(det_table: pd.DataFrame, scorer_per_fold: pd.DataFrame, fold_ids:
             rate = {int(f): float(v) for f, v in zip(part["fold"], part["within_5mm"]) if pd.notna(v)}
             chosen[job] = max(fold_ids, key=lambda f: (rate.get(f, -1.0), -f))
     if not scorer_per_fold.empty:
-        # the grader's own fold, graded alone: its end-to-end score mixes in the detectors' folds
-        part = scorer_per_fold[scorer_per_fold["model"] == AT_LABELLED_POINTS]
-        score = {int(f): float(v) for f, v in zip(part["fold"], part["rsna_score"]) if pd.notna(v)}
-        chosen[SCORER] = min(fold_ids, key=lambda f: (score.get(f, math.inf), f))
+        chosen[SCORER] = best_scorer_fold(scorer_per_fold, fold_ids)
     return chosen
+
+
+def best_scorer_fold(scorer_per_fold: pd.DataFrame, fold_ids: Sequence[int]) -> int:
+    """DeepScoreNet's part of :func:`best_folds`: the fold graded best at the labelled points
+    (its own fold, graded alone: its end-to-end score mixes in the detectors' folds)."""
+    part = scorer_per_fold[scorer_per_fold["model"] == AT_LABELLED_POINTS] if len(scorer_per_fold) else scorer_per_fold
+    score = {int(f): float(v) for f, v in zip(part["fold"], part["rsna_score"]) if pd.notna(v)} if len(part) else {}
+    return min(fold_ids, key=lambda f: (score.get(f, math.inf), f))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,16 +274,19 @@ def read_fold_parquets(directories: list[str], name: str) -> pd.DataFrame:
 
 
 def collect_cv_metrics(jobs: list[str], labels: pd.DataFrame, folds_frame: pd.DataFrame, artifacts: str,
-                       out_dir: Path, version: str, end_to_end: EndToEndOof | None = None) -> CvMetrics:
+                       out_dir: Path, version: str, end_to_end: EndToEndOof | None = None,
+                       final_fit: bool = True) -> CvMetrics:
     """Read every job's out-of-fold predictions from the CV folds' artefacts, score them with the
     end-to-end out-of-fold predictions (``end_to_end``, :func:`.end_to_end.end_to_end_oof`), and
-    write predictions, tables and plots to ``out_dir``."""
+    write predictions, tables and plots to ``out_dir``. ``final_fit``: whether the version ships
+    the all-studies fit (else each model's best fold, whose own predictions calibrate it)."""
     fold_ids = sorted(folds_frame["fold"].unique().tolist())
     cv_dirs = lambda job: [fold_dir(artifacts, job, f) for f in fold_ids]  # noqa: E731
     metrics = CvMetrics(report_lines=[f"lumbar-ray training run {version}", ""])
     if SCORER in jobs:
         _add_scorer_metrics(metrics, read_fold_parquets(cv_dirs(SCORER), OOF_FILE),
-                            end_to_end or EndToEndOof(skipped="not run"), labels, folds_frame, out_dir, version)
+                            end_to_end or EndToEndOof(skipped="not run"), labels, folds_frame, out_dir, version,
+                            final_fit)
     det_jobs = [j for j in jobs if j != SCORER]
     if det_jobs:
         records = pd.concat([read_fold_parquets(cv_dirs(j), OOF_FILE) for j in det_jobs], ignore_index=True)
@@ -265,9 +301,11 @@ def _write(metrics: CvMetrics, out_dir: Path, frames: Mapping[str, pd.DataFrame]
 
 
 def _add_scorer_metrics(metrics: CvMetrics, oof: pd.DataFrame, end_to_end: EndToEndOof, labels: pd.DataFrame,
-                        folds_frame: pd.DataFrame, out_dir: Path, version: str) -> None:
+                        folds_frame: pd.DataFrame, out_dir: Path, version: str, final_fit: bool = True) -> None:
     e2e = end_to_end.frame if end_to_end.available else None
     table, per_fold = scorer_metrics(oof, labels, folds_frame, e2e)
+    # the fold whose DeepScoreNet ships (publish.shipped_folds picks the same one)
+    scorer_fold = None if final_fit else best_scorer_fold(per_fold, sorted(folds_frame["fold"].unique().tolist()))
     metrics.scorer_table, metrics.scorer_per_fold = table, per_fold
     _write(metrics, out_dir, {"oof_scorer.parquet": oof, "metrics_scorer.parquet": table,
                               "metrics_scorer_per_fold.parquet": per_fold})
@@ -282,7 +320,7 @@ def _add_scorer_metrics(metrics: CvMetrics, oof: pd.DataFrame, end_to_end: EndTo
     metrics.card["end_to_end"] = end_to_end_card(end_to_end, table)
     metrics.card["scorer"] = table.to_dict(orient="records")
     metrics.card["scorer_per_fold"] = per_fold.to_dict(orient="records")
-    metrics.card["calibration"] = calibration_card(oof, e2e)
+    metrics.card["calibration"] = calibration_card(oof, e2e, scorer_fold)
     metrics.report_lines += [metrics.card["headline"], ""]
     if e2e is not None:
         metrics.report_lines += [
@@ -326,18 +364,23 @@ def _calibration_summary(frame: pd.DataFrame) -> dict[str, float]:
             "ece": expected_calibration_error(part[PROBS].to_numpy(), part["label"].to_numpy())}
 
 
-def calibration_card(oof: pd.DataFrame, end_to_end: pd.DataFrame | None = None) -> dict[str, Any]:
+def calibration_card(oof: pd.DataFrame, end_to_end: pd.DataFrame | None = None,
+                     scorer_fold: int | None = None) -> dict[str, Any]:
     """The version's calibration: a temperature per condition (what scoring applies; fitted as
-    :func:`shipped_temperatures` says), and the out-of-fold RSNA score and expected calibration
-    error before and after, end to end when there is that frame (``evaluated_on``), else at the
+    :func:`shipped_temperatures` says, on ``scorer_fold``'s predictions when that fold's model
+    ships, else on every fold's), and the out-of-fold RSNA score and expected calibration error
+    before and after, end to end when there is that frame (``evaluated_on``), else at the
     labelled points; after: cross-fitted temperatures, so the gain is not flattered."""
-    temperatures, fitted_on = shipped_temperatures(oof, end_to_end)
+    temperatures, fitted_on = shipped_temperatures(oof, end_to_end, fold=scorer_fold)
     at_points = {"oof_before": _calibration_summary(oof),
                  "oof_after_cross_fitted": _calibration_summary(cross_fitted_at_points(oof))}
     card = {"method": "temperature per condition (softmax(log p / T)), fitted on the out-of-fold predictions "
                       "against the severity-weighted log loss: end to end at the detections (what scoring scales), "
-                      "at the labelled points for a condition never detected",
-            "temperatures": temperatures, "fitted_on": fitted_on}
+                      "at the labelled points for a condition never detected; after = each fold's model with "
+                      "temperatures fitted on the other half of its own validation studies",
+            "temperatures": temperatures, "fitted_on": fitted_on,
+            "fitted_on_folds": ("all (the shipped DeepScoreNet is the all-studies fit; no fold model is it)"
+                                if scorer_fold is None else fold_name(scorer_fold) + " (the fold that ships)")}
     if end_to_end is None or not len(end_to_end):
         return {**card, "evaluated_on": ON_LABELLED_POINTS, **at_points}
     return {**card, "evaluated_on": ON_END_TO_END, "oof_before": _calibration_summary(end_to_end),
@@ -350,7 +393,9 @@ def format_calibration(card: dict[str, Any]) -> str:
     before, after = card["oof_before"], card["oof_after_cross_fitted"]
     temps = ", ".join(f"{c} {t:.2f}" for c, t in card["temperatures"].items())
     where = "end to end" if card.get("evaluated_on") == ON_END_TO_END else "at the labelled points"
-    return (f"Calibration (temperature per condition: {temps}); out of fold, {where}, before -> after (cross-fitted): "
+    fitted = f", fitted on {card['fitted_on_folds']}" if "fitted_on_folds" in card else ""
+    return (f"Calibration (temperature per condition{fitted}: {temps or 'none'}); out of fold, {where}, before -> after "
+            f"(each fold's model, its temperatures fitted on the other half of its validation studies): "
             f"RSNA score {before['rsna_score']:.4f} -> {after['rsna_score']:.4f}, "
             f"expected calibration error {before['ece']:.4f} -> {after['ece']:.4f}")
 
