@@ -152,7 +152,8 @@ def scorer_metrics(oof: pd.DataFrame, labels: pd.DataFrame, folds_frame: pd.Data
     """Overall and per-fold tables, ``evaluated_on`` saying on which rows: first end to end
     (when given: every labelled target of the validation studies, scored as scoring does), then
     at the labelled points (the scorer's own OOF file, a diagnostic). Each: DeepScoreNet
-    uncalibrated and calibrated (temperatures cross-fitted: each fold's from the other folds),
+    uncalibrated and calibrated (each fold's model with its own temperatures, each half of its
+    studies scaled by the fit on the other half),
     against the majority, prior and weighted-prior baselines on the same rows."""
     sets = []
     if end_to_end is not None and len(end_to_end):
@@ -347,8 +348,8 @@ def end_to_end_card(end_to_end: EndToEndOof, table: pd.DataFrame) -> dict[str, A
     score = rows.set_index("model")["rsna_log_loss"]
     return {
         "what": "out of fold: each fold's detectors and DeepScoreNet score its validation studies through the "
-                "scoring code path; undetected targets get the weighted prior of the training folds; temperatures "
-                "cross-fitted per fold",
+                "scoring code path; undetected targets get the weighted prior of the training folds; each fold's "
+                "model calibrated with its own temperatures, fitted on the other half of its validation studies",
         "rsna_score": float(score[END_TO_END]), "rsna_score_calibrated": float(score[END_TO_END + CALIBRATED]),
         "baseline_weighted_prior": float(score["baseline_weighted_prior"]),
         "n_studies": int(frame["study_id"].nunique()), "n_labelled_targets": int(len(frame)),
@@ -370,7 +371,8 @@ def calibration_card(oof: pd.DataFrame, end_to_end: pd.DataFrame | None = None,
     :func:`shipped_temperatures` says, on ``scorer_fold``'s predictions when that fold's model
     ships, else on every fold's), and the out-of-fold RSNA score and expected calibration error
     before and after, end to end when there is that frame (``evaluated_on``), else at the
-    labelled points; after: cross-fitted temperatures, so the gain is not flattered."""
+    labelled points; after: temperatures never fitted on the rows they scale, so the gain is
+    not flattered."""
     temperatures, fitted_on = shipped_temperatures(oof, end_to_end, fold=scorer_fold)
     at_points = {"oof_before": _calibration_summary(oof),
                  "oof_after_cross_fitted": _calibration_summary(cross_fitted_at_points(oof))}

@@ -6,7 +6,7 @@ DeepScoreNet; a target with no detection gets the fallback), as Ray tasks on the
 
 No label of a validation study reaches what scores it: the fold's models never trained on it, and
 the fallback (the weighted prior) is fitted on the training folds' labels only. The predictions
-are raw, uncalibrated: the temperatures are cross-fitted later (:mod:`.cv_metrics`).
+are raw, uncalibrated: each fold's temperatures are fitted later (:mod:`.cv_metrics`).
 """
 
 from __future__ import annotations
