@@ -500,6 +500,54 @@ def test_canal_selection_keeps_one_slice():
         select_target_detections(dets, SAGITTAL_T2, rule="median")
 
 
+def test_canal_levels_are_read_in_order_across_slices():
+    # An obliquely planned Sagittal T2 of a realistic holdout study (3532832980 of the 200-study
+    # run, boxes as its detector gave them): on slice 5, which has the largest summed confidence,
+    # the detector labelled the discs one level off (L3/L4 and L4/L5 on one disc); slice 6 has
+    # L1/L2-L4/L5 right, and L5/S1 shows on slice 5 only.
+    t2 = targets_for_series(SAGITTAL_T2)
+    cls = [t.detector_class_id for t in t2]
+    series = fake_series(SAGITTAL_T2, n=11, rows=140, cols=140, spacing=(2.0, 2.0))  # row = 2 mm down
+
+    def box(level, k, y, p):
+        return Detection(cls[level], k, int(series.instance_numbers[k]), 65.0, y, p)
+
+    dets = [box(4, 4, 101.4, 0.152), box(0, 5, 44.3, 0.09), box(1, 5, 62.8, 0.078), box(2, 5, 83.5, 0.075),
+            box(3, 5, 83.5, 0.215), box(4, 5, 101.2, 0.341),
+            box(0, 6, 26.1, 0.103), box(1, 6, 44.0, 0.273), box(2, 6, 63.0, 0.11), box(3, 6, 83.2, 0.064)]
+    one_slice = select_target_detections(dets, SAGITTAL_T2, series, rule="slice")
+    assert [one_slice[t.index].y for t in t2] == [44.3, 62.8, 83.5, 83.5, 101.2]
+    ordered = select_target_detections(dets, SAGITTAL_T2, series)  # the default with the series
+    assert ordered == select_target_detections(dets, SAGITTAL_T2, series, rule="ordered")
+    assert [(ordered[t.index].slice_index, ordered[t.index].y) for t in t2] == [
+        (6, 26.1), (6, 44.0), (6, 63.0), (5, 83.5), (5, 101.2)]
+    with pytest.raises(ValueError, match="needs the series"):
+        select_target_detections(dets, SAGITTAL_T2, rule="ordered")
+
+
+def test_ordered_canal_levels_skip_a_disc_found_twice_and_stay_near_one_slice():
+    t2 = targets_for_series(SAGITTAL_T2)
+    cls = [t.detector_class_id for t in t2]
+    series = fake_series(SAGITTAL_T2, n=9, rows=140, cols=140, spacing=(2.0, 2.0))
+
+    def box(level, k, y, p):
+        return Detection(cls[level], k, int(series.instance_numbers[k]), 65.0, y, p)
+
+    # On slice 4 L2/L3's only box sits on L1/L2's disc (2 mm apart); L5/S1's best box is far
+    # lateral (slice 8) and one on slice 5 is weaker but in reach of the canal.
+    dets = [box(0, 4, 20.0, 0.8), box(1, 4, 21.0, 0.9), box(2, 4, 60.0, 0.7), box(3, 4, 80.0, 0.7),
+            box(4, 8, 100.0, 0.95), box(4, 5, 99.0, 0.3)]
+    chosen = select_target_detections(dets, SAGITTAL_T2, series)
+    picks = [chosen[t.index] for t in t2]
+    # L2/L3 (0.9) wins its disc over L1/L2 (0.8): one of them must go, and L1/L2 has no other box
+    assert picks[0] is None and (picks[1].slice_index, picks[1].y) == (4, 21.0)
+    assert [(d.slice_index, d.y) for d in picks[2:]] == [(4, 60.0), (4, 80.0), (5, 99.0)]
+    # the left-out level falls back only to a box that lies between its neighbours: none here
+    dets.append(box(0, 6, 2.0, 0.2))  # above L2/L3 by 38 mm, two slices off: only the fallback takes it
+    chosen = select_target_detections(dets, SAGITTAL_T2, series)
+    assert (chosen[t2[0].index].slice_index, chosen[t2[0].index].y) == (6, 2.0)
+
+
 def test_centroid_selection_takes_the_slice_nearest_the_midline():
     # The canal shows on the mid-sagittal slice and its neighbours; here a neighbour (slice 3)
     # is the most confident, but the confidence profile is centred on slice 4.
