@@ -39,6 +39,7 @@ from lumbar_ray.models.detector_preprocess import (
     preprocess_volume,
     preprocess_volume_torch,
 )
+from lumbar_ray.models.levels import LocatedDetection, geometry_flags
 from lumbar_ray.models.target_selection import select_target_detections
 from lumbar_ray.training.detector_data import (
     DetectorDataset,
@@ -528,24 +529,71 @@ def test_canal_levels_are_read_in_order_across_slices():
 def test_ordered_canal_levels_skip_a_disc_found_twice_and_stay_near_one_slice():
     t2 = targets_for_series(SAGITTAL_T2)
     cls = [t.detector_class_id for t in t2]
-    series = fake_series(SAGITTAL_T2, n=9, rows=140, cols=140, spacing=(2.0, 2.0))
+    series = fake_series(SAGITTAL_T2, n=9, rows=170, cols=140, spacing=(1.0, 1.0))  # row = 1 mm down
 
     def box(level, k, y, p):
         return Detection(cls[level], k, int(series.instance_numbers[k]), 65.0, y, p)
 
-    # On slice 4 L2/L3's only box sits on L1/L2's disc (2 mm apart); L5/S1's best box is far
-    # lateral (slice 8) and one on slice 5 is weaker but in reach of the canal.
-    dets = [box(0, 4, 20.0, 0.8), box(1, 4, 21.0, 0.9), box(2, 4, 60.0, 0.7), box(3, 4, 80.0, 0.7),
-            box(4, 8, 100.0, 0.95), box(4, 5, 99.0, 0.3)]
+    # Discs 39-40 mm apart. On slice 4 the L1/L2 and L2/L3 boxes sit on one disc (1 mm apart);
+    # L5/S1's best box is far lateral (slice 8), a weaker one on slice 5 is in reach of the canal.
+    dets = [box(0, 4, 10.0, 0.8), box(1, 4, 11.0, 0.9), box(2, 4, 50.0, 0.7), box(3, 4, 90.0, 0.7),
+            box(4, 8, 130.0, 0.95), box(4, 5, 129.0, 0.3)]
     chosen = select_target_detections(dets, SAGITTAL_T2, series)
     picks = [chosen[t.index] for t in t2]
-    # L2/L3 (0.9) wins its disc over L1/L2 (0.8): one of them must go, and L1/L2 has no other box
-    assert picks[0] is None and (picks[1].slice_index, picks[1].y) == (4, 21.0)
-    assert [(d.slice_index, d.y) for d in picks[2:]] == [(4, 60.0), (4, 80.0), (5, 99.0)]
-    # the left-out level falls back only to a box that lies between its neighbours: none here
-    dets.append(box(0, 6, 2.0, 0.2))  # above L2/L3 by 38 mm, two slices off: only the fallback takes it
+    # L2/L3 (0.9) wins the disc over L1/L2 (0.8), and its place agrees (one spacing above
+    # L3/L4); one spacing above it (row 11 - 39) is off the image, so no L1/L2 is placed
+    assert picks[0] is None
+    assert [(d.slice_index, d.y) for d in picks[1:]] == [(4, 11.0), (4, 50.0), (4, 90.0), (5, 129.0)]
+    assert not any(d.interpolated for d in picks[1:])
+
+
+def test_a_canal_box_labelled_one_level_off_takes_the_level_its_place_says():
+    # Study 1860249757 of the 200-study run (fold 1, out of fold), rounded: the detector put
+    # L1/L2 on the L2/L3 disc and L2/L3 on the L3/L4 disc, where L3/L4 also is; L4/L5 and
+    # L5/S1 are right. Discs ~28 mm apart (14 rows of 2 mm).
+    t2 = targets_for_series(SAGITTAL_T2)
+    cls = [t.detector_class_id for t in t2]
+    series = fake_series(SAGITTAL_T2, n=11, rows=128, cols=128, spacing=(2.0, 2.0))
+
+    def box(level, y, p):
+        return Detection(cls[level], 6, int(series.instance_numbers[6]), 60.0, y, p)
+
+    dets = [box(0, 46.6, 0.12), box(1, 61.5, 0.2), box(2, 61.5, 0.12), box(3, 76.0, 0.25), box(4, 89.4, 0.3)]
+    assert [select_target_detections(dets, SAGITTAL_T2, series, rule="slice")[t.index].y for t in t2] == [
+        46.6, 61.5, 61.5, 76.0, 89.4]
     chosen = select_target_detections(dets, SAGITTAL_T2, series)
-    assert (chosen[t2[0].index].slice_index, chosen[t2[0].index].y) == (6, 2.0)
+    picks = [chosen[t.index] for t in t2]
+    # labelled (truth): 34.6, 48.0, 62.0, 76.7, 89.6
+    assert [round(d.y, 1) for d in picks[1:]] == [46.6, 61.5, 76.0, 89.4]
+    assert [d.class_id for d in picks] == cls  # each box under the level it was given
+    assert picks[0].interpolated and picks[0].y == pytest.approx(46.6 - (61.5 - 46.6))  # one spacing above
+
+
+def test_a_canal_level_without_a_box_is_placed_between_its_neighbours():
+    t2 = targets_for_series(SAGITTAL_T2)
+    cls = [t.detector_class_id for t in t2]
+    series = fake_series(SAGITTAL_T2, n=9, rows=140, cols=140, spacing=(2.0, 2.0))
+
+    def box(level, k, x, y, p=0.6):
+        return Detection(cls[level], k, int(series.instance_numbers[k]), x, y, p, 8.0, 6.0)
+
+    # L3/L4 has no box at all, L1/L2's only box is on L2/L3's disc (and weaker), L5/S1 is missing
+    dets = [box(0, 5, 60.0, 41.0, 0.3), box(1, 4, 60.0, 40.0), box(3, 3, 66.0, 80.0)]
+    chosen = select_target_detections(dets, SAGITTAL_T2, series)
+    picks = [chosen[t.index] for t in t2]
+    assert not picks[1].interpolated and not picks[3].interpolated
+    mid = picks[2]  # halfway between L2/L3 (slice 4, row 40) and L4/L5 (slice 3, row 80)
+    assert mid.interpolated and mid.confidence == 0.0 and mid.class_id == cls[2]
+    assert (mid.slice_index, mid.x, mid.y) == (4, 63.0, 60.0)  # slice 3.5 rounds to even: 4
+    assert mid.instance_number == series.instance_numbers[4]
+    # the ends: one spacing beyond the two nearest found levels (L1/L2 from L2/L3 and L4/L5,
+    # spacing 20 rows per level: row 20; L5/S1 from L4/L5 and L2/L3: row 100), never from a
+    # placed level
+    assert picks[0].interpolated and picks[0].y == pytest.approx(20.0) and picks[0].slice_index == 4
+    assert picks[4].interpolated and picks[4].y == pytest.approx(100.0) and picks[4].slice_index in (2, 3)
+    located = {t.index: LocatedDetection(series, chosen[t.index]) for t in t2}
+    assert [f for f in geometry_flags(located) if f.startswith("level_interpolated")] == [
+        f"level_interpolated:{t2[i].column}" for i in (0, 2, 4)]
 
 
 def test_centroid_selection_takes_the_slice_nearest_the_midline():

@@ -31,6 +31,9 @@ class Detection:
     confidence: float
     width: float = float("nan")  # box size, original pixels
     height: float = float("nan")
+    # placed between (or beyond) its level's neighbours by geometry, not found by the detector
+    # (confidence 0): :func:`lumbar_ray.models.target_selection.select_target_detections`
+    interpolated: bool = False
 
     def with_class(self, class_id: int) -> "Detection":
         """This detection under another class id (a target chosen by geometry from a pooled class)."""

@@ -133,9 +133,11 @@ def keep_most_confident(best: dict[int, LocatedDetection | None], index: int, se
 def geometry_flags(chosen: Mapping[int, LocatedDetection | None]) -> list[str]:
     """Flags for chosen detections that break anatomy: per family and side, levels out of
     order from head to feet (``levels_out_of_order:FAMILY[:SIDE]``); a left or right finding on
-    the wrong side of the canal at its level (``wrong_side:COLUMN``)."""
+    the wrong side of the canal at its level (``wrong_side:COLUMN``). And a level placed between
+    its neighbours rather than found (``level_interpolated:COLUMN``)."""
     points = {index: located.point() for index, located in chosen.items() if located is not None}
-    flags: list[str] = []
+    flags: list[str] = [f"level_interpolated:{TARGETS[index].column}" for index, located in sorted(chosen.items())
+                        if located is not None and located.detection.interpolated]
     groups: dict[tuple[str, str | None], list[tuple[int, float]]] = {}
     for index, point in points.items():
         t = TARGETS[index]

@@ -8,14 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from lumbar_ray.models.detector_inference import Detection
+from lumbar_ray.models.level_order import select_in_level_order
 from lumbar_ray.targets import SAGITTAL_T1, SAGITTAL_T2, Target, targets_for_series
 
-__all__ = ["MIN_LEVEL_GAP_MM", "select_target_detections", "slice_normal"]
-
-# Adjacent lumbar disc centres lie some 25-45 mm apart along the body axis (about 35 mm in the
-# phantom); two levels found closer than this are one disc found twice, or a level found at its
-# neighbour's disc. Well below the real spacing, so a short spine still fits.
-MIN_LEVEL_GAP_MM = 12.0
+__all__ = ["select_target_detections", "slice_normal"]
 
 
 def select_target_detections(
@@ -35,16 +31,12 @@ def select_target_detections(
 
     - ``"max"`` (Axial T2, Sagittal T1): the most confident detection of the target's class
       over all slices.
-    - ``"ordered"`` (Sagittal T2/STIR, the canal, when ``series`` is given): one detection per
-      level, the levels in order from head to feet. Among every slice's best box of each level's
-      class, the choice with the largest summed confidence such that each level lies at least
-      :data:`MIN_LEVEL_GAP_MM` (per level step) below the one above it, and at most one slice
-      (per level step) to either side of it: the canal is continuous, but in an obliquely planned
-      series it runs across slices, so the levels cannot all be read on one slice. A level
-      left out of that choice takes its class's most confident box that still lies between its
-      neighbours. Why: with one slice for all levels, the detector's level labels on that
-      slice are taken as they are, and on oblique realistic studies it labelled the discs one
-      level off (two levels on one disc) where the neighbouring slice had them right.
+    - ``"ordered"`` (Sagittal T2/STIR, the canal, when ``series`` is given): one box per level,
+      the levels in order from head to feet, evenly spaced and on neighbouring slices; a box the
+      detector labelled one level off takes the level its place says, and a level with no
+      usable box is placed between its neighbours (:mod:`lumbar_ray.models.level_order`). It
+      replaced "slice" as the canal's default: on oblique realistic studies the single slice
+      with the most confident boxes often had them one level off.
     - ``"slice"`` (the canal without ``series``): one slice for all levels — the slice with the
       largest sum over classes of each class's best confidence on it (the mid-sagittal slice
       shows every level); each level takes its best detection on that slice, and a level
@@ -81,7 +73,7 @@ def select_target_detections(
     if rule == "ordered":
         if series is None:
             raise ValueError('rule "ordered" needs the series (its slices\' geometry)')
-        return _select_in_level_order(targets, by_slice, series)
+        return select_in_level_order(targets, by_slice, series)
     chosen: dict[int, Detection] = {}
     if rule == "slice" and by_slice:
         k = max(sorted(by_slice), key=lambda k: sum(d.confidence for d in by_slice[k].values()))
@@ -122,71 +114,6 @@ def _best_by_class_and_slice(
         if cur is None or d.confidence > cur.confidence:
             on_slice[d.class_id] = d
     return by_class, by_slice
-
-
-def _select_in_level_order(
-    targets: Sequence[Target], by_slice: dict[int, dict[int, Detection]], series,
-    min_gap_mm: float = MIN_LEVEL_GAP_MM, max_slice_step: int = 1,
-) -> dict[int, Detection | None]:
-    """The "ordered" rule: a dynamic programme over the levels from head to feet. A state is the
-    last level chosen and its detection; a level may be left out (its neighbours must then lie
-    twice as far apart, and may be two slices apart). Heights are patient z (LPS: + superior)."""
-    ordered = sorted(targets, key=lambda t: t.level_index)
-    height: dict[tuple[int, int], float] = {}
-    options: list[list[Detection]] = []
-    for t in ordered:
-        found = [on[t.detector_class_id] for k, on in sorted(by_slice.items()) if t.detector_class_id in on]
-        for d in found:
-            height[(d.class_id, d.slice_index)] = float(series.pixel_to_patient(d.slice_index, d.x, d.y)[2])
-        options.append(found)
-
-    def fits(upper: tuple[int, Detection], lower: tuple[int, Detection]) -> bool:
-        (i, a), (j, b) = upper, lower
-        steps = j - i
-        return (height[(a.class_id, a.slice_index)] - height[(b.class_id, b.slice_index)] >= steps * min_gap_mm
-                and abs(a.slice_index - b.slice_index) <= steps * max_slice_step)
-
-    # last chosen (position, detection) or None -> (summed confidence, choice per position so far)
-    states: dict[tuple[int, int] | None, tuple[float, tuple[Detection | None, ...], tuple[int, Detection] | None]]
-    states = {None: (0.0, (), None)}
-    for i, found in enumerate(options):
-        new: dict = {}
-        for key, (score, picks, last) in states.items():
-            _keep_best(new, key, score, picks + (None,), last)  # this level left out
-            for d in found:
-                if last is None or fits(last, (i, d)):
-                    _keep_best(new, (i, d.slice_index), score + d.confidence, picks + (d,), (i, d))
-        states = new
-    _, picks, _ = max(states.values(), key=lambda s: (s[0], _slices_key(s[1])))
-    chosen = list(picks)
-    for i, t in enumerate(ordered):
-        if chosen[i] is not None:
-            continue
-        above = next(((j, chosen[j]) for j in range(i - 1, -1, -1) if chosen[j] is not None), None)
-        below = next(((j, chosen[j]) for j in range(i + 1, len(ordered)) if chosen[j] is not None), None)
-        between = [(i, d) for d in options[i]
-                   if (above is None or _below(height, above, (i, d), min_gap_mm))
-                   and (below is None or _below(height, (i, d), below, min_gap_mm))]
-        if between:
-            chosen[i] = max(between, key=lambda item: item[1].confidence)[1]
-    return {t.index: chosen[i] for i, t in enumerate(ordered)}
-
-
-def _keep_best(states: dict, key, score: float, picks: tuple, last) -> None:
-    current = states.get(key)
-    if current is None or (score, _slices_key(picks)) > (current[0], _slices_key(current[1])):
-        states[key] = (score, picks, last)
-
-
-def _slices_key(picks: tuple) -> tuple:
-    """Ties in summed confidence go to the choice with fewer levels left out, then to lower slices
-    (deterministic whatever the dict order)."""
-    return (sum(d is not None for d in picks), tuple(-(d.slice_index if d is not None else -1) for d in picks))
-
-
-def _below(height: dict, upper: tuple[int, Detection], lower: tuple[int, Detection], min_gap_mm: float) -> bool:
-    (i, a), (j, b) = upper, lower
-    return height[(a.class_id, a.slice_index)] - height[(b.class_id, b.slice_index)] >= (j - i) * min_gap_mm
 
 
 def _select_nearest_centroid(
