@@ -12,20 +12,23 @@ How, in two passes of one dynamic programme over the levels (a state: the last l
 its box; a level may be left out):
 
 1. each level among its own class's best box on every slice, the levels at least
-   :data:`MIN_LEVEL_GAP_MM` apart per level step and at most one slice apart per level step;
+   :data:`MIN_LEVEL_GAP_MM` apart per level step and at most :data:`CANAL_DRIFT_MM` (at least one
+   slice) apart sideways per level step;
    the disc spacing is then the median distance per level step between the levels chosen;
 2. again, now also offering each box as its neighbouring levels' (at :data:`RELABELLED_WEIGHT`
    of its confidence), and each step between chosen levels must span a whole number of disc
    spacings: within :data:`SPACING_TOLERANCE` of one spacing per level step. A box labelled one
    level off then takes the level its place says.
 
-A level still without a box takes its class's most confident box between its neighbours, else a
-point placed from its neighbours (halfway between them, or one spacing beyond the two nearest at
+A level still without a box takes (head to feet, each fill a neighbour of the next) its class's
+most confident box that fits between its neighbours by the same checks, else a point placed from
+its neighbours (halfway between them, or one spacing beyond the two nearest at
 an end of the spine; ``Detection.interpolated``, confidence 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,13 +38,17 @@ import numpy as np
 from lumbar_ray.models.detector_inference import Detection
 from lumbar_ray.targets import Target
 
-__all__ = ["MIN_LEVEL_GAP_MM", "RELABELLED_WEIGHT", "SPACING_TOLERANCE", "select_in_level_order"]
+__all__ = ["CANAL_DRIFT_MM", "MIN_LEVEL_GAP_MM", "RELABELLED_WEIGHT", "SPACING_TOLERANCE", "select_in_level_order"]
 
 # Adjacent lumbar disc centres lie some 25-45 mm apart (about 35 mm in the phantom); two levels
 # found closer than this are one disc found twice. Well below the real spacing: a short spine fits.
 MIN_LEVEL_GAP_MM = 12.0
-# A box offered as a neighbouring level counts at this share of its confidence: its own label wins
-# whenever its place allows it.
+# How far sideways the canal's centre may move from one disc to the next, across the slices of a
+# sagittal series: an oblique plan of a few degrees over ~35 mm. Converted to slices per level step
+# (at least one: 3-5 mm slices, as in RSNA and the phantom, allow one; a 1 mm series five).
+CANAL_DRIFT_MM = 5.0
+# A box offered as a neighbouring level counts at this share of its confidence (and reports it:
+# the detector did not say it was that level): its own label wins whenever its place allows it.
 RELABELLED_WEIGHT = 0.5
 # Between two chosen levels n steps apart, the distance must lie within n +- this many disc
 # spacings: a disc found twice (0 spacings) or a level skipped (2 for 1) is refused, while the
@@ -65,9 +72,10 @@ class _Option:
 
 
 def select_in_level_order(targets: Sequence[Target], by_slice: dict[int, dict[int, Detection]], series,
-                          min_gap_mm: float = MIN_LEVEL_GAP_MM, max_slice_step: int = 1) -> dict[int, Detection | None]:
+                          min_gap_mm: float = MIN_LEVEL_GAP_MM) -> dict[int, Detection | None]:
     """{target index: Detection | None} of the canal's levels (see the module doc); ``by_slice``:
     ``{slice index: {class id: that class's best box on the slice}}``."""
+    max_slice_step = _slices_per_level_step(series)
     ordered = sorted(targets, key=lambda t: t.level_index)
     classes = [t.detector_class_id for t in ordered]
     points: dict[tuple[int, int], tuple[float, float, float]] = {}
@@ -84,8 +92,8 @@ def select_in_level_order(targets: Sequence[Target], by_slice: dict[int, dict[in
             for k, on in sorted(by_slice.items()):
                 d = on.get(classes[j])
                 if d is not None:
-                    out.append(_Option(i, d.with_class(classes[i]), weight * d.confidence, points[(classes[j], k)],
-                                       classes[j]))
+                    as_level = d if j == i else dataclasses.replace(d, class_id=classes[i], confidence=weight * d.confidence)
+                    out.append(_Option(i, as_level, weight * d.confidence, points[(classes[j], k)], classes[j]))
         return out
 
     def in_order(upper: _Option, lower: _Option) -> bool:
@@ -95,19 +103,20 @@ def select_in_level_order(targets: Sequence[Target], by_slice: dict[int, dict[in
 
     first = _best_path([options(i, False) for i in range(len(ordered))], in_order)
     spacing = _disc_spacing(first)
-    if spacing is None:
-        chosen = first
-    else:
+    fits = in_order
+    chosen = first
+    if spacing is not None:
         def evenly_spaced(upper: _Option, lower: _Option) -> bool:
             steps = lower.level - upper.level
             distance = math.dist(upper.point, lower.point)
             return in_order(upper, lower) and abs(distance - steps * spacing) <= SPACING_TOLERANCE * spacing
 
+        fits = evenly_spaced
         chosen = _best_path([options(i, True) for i in range(len(ordered))], evenly_spaced)
+    for i in range(len(ordered)):  # head to feet: a box taken here is a neighbour of the next level
+        if chosen[i] is None:
+            chosen[i] = _between_neighbours(options(i, False), chosen, i, fits)
     picks: list[Detection | None] = [o.detection if o is not None else None for o in chosen]
-    for i in range(len(ordered)):
-        if picks[i] is None:
-            picks[i] = _between_neighbours(options(i, False), chosen, i, min_gap_mm)
     for i in range(len(ordered)):
         if picks[i] is None:
             picks[i] = _placed_by_neighbours(picks, i, classes[i], series)
@@ -116,7 +125,8 @@ def select_in_level_order(targets: Sequence[Target], by_slice: dict[int, dict[in
 
 def _best_path(options: list[list[_Option]], fits) -> list[_Option | None]:
     """The choice of at most one option per level, consecutive choices ``fits(upper, lower)``,
-    with the largest summed score (ties: more levels chosen, then lower slices)."""
+    with the largest summed score (ties: more levels chosen, then more own labels, then lower
+    slices)."""
     states: dict[object, tuple[float, tuple[_Option | None, ...], _Option | None]] = {None: (0.0, (), None)}
     for found in options:
         new: dict[object, tuple[float, tuple[_Option | None, ...], _Option | None]] = {}
@@ -149,14 +159,20 @@ def _disc_spacing(chosen: list[_Option | None]) -> float | None:
     return float(np.median(steps)) if steps else None
 
 
-def _between_neighbours(own: list[_Option], chosen: list[_Option | None], i: int, min_gap_mm: float) -> Detection | None:
-    """The most confident own-class box of level ``i`` that lies between its chosen neighbours."""
+def _slices_per_level_step(series) -> int:
+    """Slices the canal may move sideways per level step: :data:`CANAL_DRIFT_MM` in the series'
+    slice spacing, at least one."""
+    spacing = float(getattr(series, "slice_spacing", 0.0) or 0.0)
+    return max(1, int(CANAL_DRIFT_MM // spacing)) if math.isfinite(spacing) and spacing > 0 else 1
+
+
+def _between_neighbours(own: list[_Option], chosen: list[_Option | None], i: int, fits) -> _Option | None:
+    """The most confident own-class box of level ``i`` that ``fits`` below its chosen neighbour
+    above and above its chosen neighbour below."""
     above = next((o for o in reversed(chosen[:i]) if o is not None), None)
     below = next((o for o in chosen[i + 1:] if o is not None), None)
-    fits = [o for o in own
-            if (above is None or above.point[2] - o.point[2] >= (i - above.level) * min_gap_mm)
-            and (below is None or o.point[2] - below.point[2] >= (below.level - i) * min_gap_mm)]
-    return max(fits, key=lambda o: o.score).detection if fits else None
+    between = [o for o in own if (above is None or fits(above, o)) and (below is None or fits(o, below))]
+    return max(between, key=lambda o: o.score) if between else None
 
 
 def _placed_by_neighbours(chosen: list[Detection | None], i: int, class_id: int, series) -> Detection | None:
@@ -180,7 +196,7 @@ def _placed_by_neighbours(chosen: list[Detection | None], i: int, class_id: int,
     def at(u: float, v: float) -> float:
         return float(u + w * (v - u))
 
-    n, rows, cols = np.shape(series.volume)[:3]
+    n, rows, cols = series.volume.shape[:3]
     x, y = at(a.x, b.x), at(a.y, b.y)
     if not (0 <= x < cols and 0 <= y < rows):
         return None  # beyond the image: the spine ends in view above or below

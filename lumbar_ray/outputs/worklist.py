@@ -36,7 +36,9 @@ one column per condition slug (``targets.CONDITIONS``)
     The review reasons, ";"-joined: every flag scoring put on the study's rows (``series_missing:
     TYPE``, ``no_detector:TYPE``, ``detect_failed:TYPE``, ``skipped_files:N`` (partly read),
     ``axial_levels_unchecked``, ``axial_level_not_covered:LEVELS``, ``levels_out_of_order:...``,
-    ``wrong_side:...``), then ``undetected:N`` (targets with no detection),
+    ``wrong_side:...``, ``level_interpolated:COLUMN`` (a canal level placed between its found
+    neighbours, not found: its row's confidence is 0)), then ``undetected:N`` (targets with no
+    detection),
     ``low_confidence:N`` (detected targets whose confidence is below :data:`LOW_CONFIDENCE`) and
     ``errors:N`` (the study's rows in the errors table of the same run; the details are there).
 ``review``

@@ -396,18 +396,24 @@ def _run_detectors(bundle: ModelBundle, study, batch_size: int, timings, flags: 
 
 def _choose_sagittal(found: dict[str, list[tuple[Any, list]]]) -> dict[int, Any]:
     """{target index: LocatedDetection | None} of the sagittal targets: each series chooses by
-    its type's rule (:func:`select_target_detections`); over several series of a type (a repeated
-    acquisition) the most confident choice wins."""
-    from lumbar_ray.models.levels import keep_most_confident
+    its type's rule (:func:`select_target_detections`). Over several series of a type (a repeated
+    acquisition): for the foramina the most confident choice per target wins; the canal's levels
+    all come from the one series whose levels have the largest summed confidence, since its
+    rule reads them in order within a series, and levels mixed from two could break that order."""
+    from lumbar_ray.models.levels import LocatedDetection, keep_most_confident
     from lumbar_ray.models.target_selection import select_target_detections
 
     chosen: dict[int, Any] = {}
-    for series_type in (SAGITTAL_T1, SAGITTAL_T2):
-        for series, detections in found.get(series_type, []):
-            for index, det in select_target_detections(detections, series_type, series).items():
-                if det is not None:
-                    keep_most_confident(chosen, index, series, det)
-                chosen.setdefault(index, None)
+    for series, detections in found.get(SAGITTAL_T1, []):
+        for index, det in select_target_detections(detections, SAGITTAL_T1, series).items():
+            if det is not None:
+                keep_most_confident(chosen, index, series, det)
+            chosen.setdefault(index, None)
+    canal = [(series, select_target_detections(detections, SAGITTAL_T2, series))
+             for series, detections in found.get(SAGITTAL_T2, [])]
+    if canal:
+        series, picks = max(canal, key=lambda c: sum(d.confidence for d in c[1].values() if d is not None))
+        chosen.update({index: None if det is None else LocatedDetection(series, det) for index, det in picks.items()})
     return chosen
 
 

@@ -105,7 +105,9 @@ def validation_records(model, studies: ValidationStudies, conf: float, device) -
     targets are chosen per level among every axial series of the study
     (:func:`lumbar_ray.models.levels.select_axial_by_level`), the levels placed in 3-D from the
     study's *labelled* canal points on its sagittal series: this measures the axial detector
-    with its levels given (a diagnostic; scoring places them from the sagittal detections)."""
+    with its levels given (a diagnostic; scoring places them from the sagittal detections). A
+    canal level that the "ordered" rule placed between its neighbours (no box fitted there)
+    counts as detected, at its placed point: it is what scoring crops."""
     series_type = studies.series_type
     parts, records = [], []
     for sid, study, rows, study_points in studies:
