@@ -42,7 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def rates(name: str, records: pd.DataFrame) -> str:
     d = records["dist_3d_mm"]
     return (f"{name}: {len(records)} levels, {records['detected'].mean():.1%} detected, within 5 mm in 3-D "
-            f"{(d <= 5).mean():.1%}, within 10 mm {(d <= 10).mean():.1%}, beyond 25 mm {(d > 25).mean():.1%}")
+            f"{(d <= 5).mean():.1%}, within 10 mm {(d <= 10).mean():.1%}, beyond 25 mm {(d > 25).mean():.1%}, "
+            f"on the labelled slice {records['right_slice'].mean():.1%}")
 
 
 def main(args: argparse.Namespace) -> None:
