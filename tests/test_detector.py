@@ -4,6 +4,7 @@ whole-series inference, selection, hit rates, persistence, DDP loop, and no netw
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -122,6 +123,12 @@ def fake_series(series_type=SAGITTAL_T2, n=6, rows=120, cols=90, spacing=(0.8, 0
         pos = np.array([[step * (n - 1) / 2 - step * k, 0.0, 0.0] for k in range(n)])
         plane = "sagittal"
     return FakeSeries(1, 7, series_type, vol, np.arange(n) + 11, pos, orient, spacing, slice_spacing=step, plane=plane)
+
+
+def canal_box(series, level, k, y, confidence, x=65.0, width=float("nan"), height=float("nan")):
+    """A canal detector's box of disc ``level`` (0 = L1/L2) on slice ``k`` of ``series``."""
+    cls = targets_for_series(SAGITTAL_T2)[level].detector_class_id
+    return Detection(cls, k, int(series.instance_numbers[k]), x, y, confidence, width, height)
 
 
 def blob_image(rows, cols, points, sigma=3.0, rng=None):
@@ -508,12 +515,8 @@ def test_canal_levels_are_read_in_order_across_slices():
     # the detector labelled the discs one level off (L3/L4 and L4/L5 on one disc); slice 6 has
     # L1/L2-L4/L5 right, and L5/S1 shows on slice 5 only.
     t2 = targets_for_series(SAGITTAL_T2)
-    cls = [t.detector_class_id for t in t2]
     series = fake_series(SAGITTAL_T2, n=11, rows=140, cols=140, spacing=(2.0, 2.0))  # row = 2 mm down
-
-    def box(level, k, y, p):
-        return Detection(cls[level], k, int(series.instance_numbers[k]), 65.0, y, p)
-
+    box = functools.partial(canal_box, series)
     dets = [box(4, 4, 101.4, 0.152), box(0, 5, 44.3, 0.09), box(1, 5, 62.8, 0.078), box(2, 5, 83.5, 0.075),
             box(3, 5, 83.5, 0.215), box(4, 5, 101.2, 0.341),
             box(0, 6, 26.1, 0.103), box(1, 6, 44.0, 0.273), box(2, 6, 63.0, 0.11), box(3, 6, 83.2, 0.064)]
@@ -529,11 +532,8 @@ def test_canal_levels_are_read_in_order_across_slices():
 
 def test_ordered_canal_levels_skip_a_disc_found_twice_and_stay_near_one_slice():
     t2 = targets_for_series(SAGITTAL_T2)
-    cls = [t.detector_class_id for t in t2]
     series = fake_series(SAGITTAL_T2, n=9, rows=170, cols=140, spacing=(1.0, 1.0))  # row = 1 mm down
-
-    def box(level, k, y, p):
-        return Detection(cls[level], k, int(series.instance_numbers[k]), 65.0, y, p)
+    box = functools.partial(canal_box, series)
 
     # Discs 39-40 mm apart. On slice 4 the L1/L2 and L2/L3 boxes sit on one disc (1 mm apart);
     # L5/S1's best box is far lateral (slice 8), a weaker one on slice 5 is in reach of the canal.
@@ -553,11 +553,10 @@ def test_a_canal_box_labelled_one_level_off_takes_the_level_its_place_says():
     # L1/L2 on the L2/L3 disc and L2/L3 on the L3/L4 disc, where L3/L4 also is; L4/L5 and
     # L5/S1 are right. Discs ~28 mm apart (14 rows of 2 mm).
     t2 = targets_for_series(SAGITTAL_T2)
-    cls = [t.detector_class_id for t in t2]
     series = fake_series(SAGITTAL_T2, n=11, rows=128, cols=128, spacing=(2.0, 2.0))
 
     def box(level, y, p):
-        return Detection(cls[level], 6, int(series.instance_numbers[6]), 60.0, y, p)
+        return canal_box(series, level, 6, y, p, x=60.0)
 
     dets = [box(0, 46.6, 0.12), box(1, 61.5, 0.2), box(2, 61.5, 0.12), box(3, 76.0, 0.25), box(4, 89.4, 0.3)]
     assert [select_target_detections(dets, SAGITTAL_T2, series, rule="slice")[t.index].y for t in t2] == [
@@ -579,9 +578,7 @@ def test_canal_levels_left_out_are_not_filled_from_one_off_canal_disc():
     t2 = targets_for_series(SAGITTAL_T2)
     cls = [t.detector_class_id for t in t2]
     series = fake_series(SAGITTAL_T2, n=11, rows=200, cols=140, spacing=(1.0, 1.0))  # slices 4 mm apart
-
-    def box(level, k, y, p):
-        return Detection(cls[level], k, int(series.instance_numbers[k]), 65.0, y, p)
+    box = functools.partial(canal_box, series)
 
     dets = [box(0, 5, 30.0, 0.8), box(1, 8, 65.0, 0.5), box(2, 8, 66.0, 0.5), box(3, 5, 135.0, 0.8),
             box(4, 5, 170.0, 0.8)]
@@ -599,12 +596,11 @@ def test_canal_levels_left_out_are_not_filled_from_one_off_canal_disc():
 
 def test_repeated_canal_series_give_all_levels_from_one_series():
     t2 = targets_for_series(SAGITTAL_T2)
-    cls = [t.detector_class_id for t in t2]
     first = fake_series(SAGITTAL_T2, n=9, rows=200, cols=140, spacing=(1.0, 1.0))
     repeat = fake_series(SAGITTAL_T2, n=9, rows=200, cols=140, spacing=(1.0, 1.0), seed=1)
 
     def boxes(series, ys, p):
-        return [Detection(cls[i], 4, int(series.instance_numbers[4]), 65.0, y, q) for i, (y, q) in enumerate(zip(ys, p))]
+        return [canal_box(series, level, 4, y, q) for level, (y, q) in enumerate(zip(ys, p))]
 
     # the repeat is more confident at L1/L2 alone, but less in all: levels mixed from the two
     # would put L1/L2 (repeat, row 60) below L2/L3 (first, row 65)
@@ -621,7 +617,7 @@ def test_a_canal_level_without_a_box_is_placed_between_its_neighbours():
     series = fake_series(SAGITTAL_T2, n=9, rows=140, cols=140, spacing=(2.0, 2.0))
 
     def box(level, k, x, y, p=0.6):
-        return Detection(cls[level], k, int(series.instance_numbers[k]), x, y, p, 8.0, 6.0)
+        return canal_box(series, level, k, y, p, x=x, width=8.0, height=6.0)
 
     # L3/L4 has no box at all, L1/L2's only box is on L2/L3's disc (and weaker), L5/S1 is missing
     dets = [box(0, 5, 60.0, 41.0, 0.3), box(1, 4, 60.0, 40.0), box(3, 3, 66.0, 80.0)]

@@ -101,7 +101,8 @@ def select_in_level_order(targets: Sequence[Target], by_slice: dict[int, dict[in
         return (upper.point[2] - lower.point[2] >= steps * min_gap_mm
                 and abs(upper.detection.slice_index - lower.detection.slice_index) <= steps * max_slice_step)
 
-    first = _best_path([options(i, False) for i in range(len(ordered))], in_order)
+    own = [options(i, False) for i in range(len(ordered))]  # pass 1, and the fills below
+    first = _best_path(own, in_order)
     spacing = _disc_spacing(first)
     fits = in_order
     chosen = first
@@ -115,7 +116,7 @@ def select_in_level_order(targets: Sequence[Target], by_slice: dict[int, dict[in
         chosen = _best_path([options(i, True) for i in range(len(ordered))], evenly_spaced)
     for i in range(len(ordered)):  # head to feet: a box taken here is a neighbour of the next level
         if chosen[i] is None:
-            chosen[i] = _between_neighbours(options(i, False), chosen, i, fits)
+            chosen[i] = _between_neighbours(own[i], chosen, i, fits)
     picks: list[Detection | None] = [o.detection if o is not None else None for o in chosen]
     for i in range(len(ordered)):
         if picks[i] is None:
